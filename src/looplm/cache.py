@@ -1,0 +1,163 @@
+"""The loop-aware KV cache.
+
+A *slot* is one (B, Hkv, T, Dh) key buffer and one value buffer. Prelude and coda layers have one slot
+each. Core layers have, by strategy:
+
+    per_loop   one slot per (layer, loop): loop r of a later token reads loop r of earlier tokens
+    last       one slot per layer, holding each token's last computed loop
+    mean       one slot per layer, holding the mean of each token's computed loops
+    first      one slot per layer, holding each token's first loop
+
+Within one forward (prefill or a decode step) the new tokens always see *each other* at the current
+loop: at loop r the layer writes the new tokens' loop-r K/V into the slot and attends over it, so a
+prompt keeps every loop's KV while it runs (sharing inside prefill costs >10 GSM8K points, Ouro §5.4).
+`commit()` then replaces what the new positions hold by what the strategy keeps and advances the cache.
+
+A token that stops at loop e < R (fewer loops than the cache was built for) exposes its deepest
+computed KV to deeper loops of later tokens: with per_loop, slots e+1..R of that position are filled
+with its loop-e K/V; `last` holds loop e, `mean` the mean of loops 1..e, `first` loop 1. `depth` records
+each position's loop count.
+
+Buffers are allocated once for `max_len` positions (no per-step concatenation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LoopConfig
+
+STRATEGIES = ("per_loop", "last", "mean", "first")
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown kv strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    return strategy
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: LoopConfig,
+        *,
+        batch_size: int,
+        max_len: int,
+        num_loops: int,
+        strategy: str = "per_loop",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.strategy = check_strategy(strategy)
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be ≥ 1, got {num_loops}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be ≥ 1, got {batch_size}, {max_len}")
+        self.config, self.num_loops, self.batch_size, self.max_len = config, num_loops, batch_size, max_len
+        core_slots = num_loops if strategy == "per_loop" else 1
+        P, C = config.num_prelude_layers, config.num_core_layers
+        # first slot of each layer; a core layer under per_loop owns num_loops consecutive slots
+        self._base, n = [], 0
+        for layer_idx in range(config.num_layers):
+            self._base.append(n)
+            n += core_slots if P <= layer_idx < P + C else 1
+        self.num_slots = n
+        shape = (n, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # key is a real token
+        self.depth = torch.zeros(batch_size, max_len, dtype=torch.int16, device=device)  # loops each position ran
+        self.num_valid = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.length = 0  # positions committed
+        self._pending = 0  # positions written by the running forward
+        self._loops = 0  # loops the running forward runs
+        self._held: dict[int, list[torch.Tensor]] = {}  # core layer → [k, v] kept aside for first/mean
+
+    # ------------------------------------------------------------------ memory
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one position of one sequence costs (all layers, all slots)."""
+        return 2 * self.num_slots * self.config.num_key_value_heads * self.config.head_dim * self.k.element_size()
+
+    @property
+    def core_bytes_per_token(self) -> int:
+        """The share of `bytes_per_token` held by the core layers (what the strategy changes)."""
+        per_slot = 2 * self.config.num_key_value_heads * self.config.head_dim * self.k.element_size()
+        core_slots = self.num_loops if self.strategy == "per_loop" else 1
+        return per_slot * core_slots * self.config.num_core_layers
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes holding the positions stored so far (padding included: it occupies the buffer)."""
+        return self.bytes_per_token * self.batch_size * self.length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (the buffers for max_len positions)."""
+        return self.k.nbytes + self.v.nbytes
+
+    # ------------------------------------------------------------------ writes
+
+    def slot(self, layer_idx: int, loop_idx: int) -> int:
+        if self.strategy == "per_loop" and self.config.is_core(layer_idx):
+            return self._base[layer_idx] + loop_idx
+        return self._base[layer_idx]
+
+    def begin(self, new_valid: torch.Tensor, *, num_loops: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a forward over S new positions. new_valid (B, S) bool.
+
+        Returns RoPE positions (B, S) (a row's position counts only its real tokens, so a left-padded
+        row matches the same prompt alone) and key validity (B, length + S).
+        """
+        B, S = new_valid.shape
+        if B != self.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the cache's batch_size={self.batch_size}")
+        if self.length + S > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions; {self.length} stored + {S} new do not fit")
+        if num_loops > self.num_loops:
+            raise ValueError(f"num_loops={num_loops} exceeds the {self.num_loops} loops this cache was built for")
+        L = self.length
+        positions = (self.num_valid[:, None] + new_valid.long().cumsum(1) - 1).clamp(min=0)
+        self.valid[:, L : L + S] = new_valid
+        self._pending, self._loops = S, num_loops
+        return positions, self.valid[:, : L + S]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, loop_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions' K/V (B, Hkv, S, Dh) for (layer, loop); return K/V over all positions."""
+        L, S = self.length, self._pending
+        assert k.shape[2] == S, "update() outside begin()/commit() or with a different length"
+        if self.config.is_core(layer_idx) and self.strategy in ("first", "mean"):
+            held = self._held.get(layer_idx)
+            if loop_idx == 0 or held is None:
+                self._held[layer_idx] = [k.to(torch.float32, copy=True), v.to(torch.float32, copy=True)] if self.strategy == "mean" else [k, v]
+            elif self.strategy == "mean":
+                held[0] += k
+                held[1] += v
+        s = self.slot(layer_idx, loop_idx)
+        self.k[s, :, :, L : L + S] = k
+        self.v[s, :, :, L : L + S] = v
+        return self.k[s, :, :, : L + S], self.v[s, :, :, : L + S]
+
+    def commit(self) -> None:
+        """Store what the strategy keeps for the new positions and advance the cache."""
+        L, S, R = self.length, self._pending, self._loops
+        new = slice(L, L + S)
+        P, C = self.config.num_prelude_layers, self.config.num_core_layers
+        for layer_idx, (hk, hv) in self._held.items():
+            s = self.slot(layer_idx, 0)
+            if self.strategy == "mean":
+                hk, hv = hk / R, hv / R
+            self.k[s, :, :, new] = hk.to(self.k.dtype)
+            self.v[s, :, :, new] = hv.to(self.v.dtype)
+        if self.strategy == "per_loop" and R < self.num_loops:
+            # deeper loops of later tokens read these positions' deepest computed KV (loop R)
+            for layer_idx in range(P, P + C):
+                src, first = self.slot(layer_idx, R - 1), self.slot(layer_idx, R)
+                last = self._base[layer_idx] + self.num_loops
+                self.k[first:last, :, :, new] = self.k[src, :, :, new].unsqueeze(0)
+                self.v[first:last, :, :, new] = self.v[src, :, :, new].unsqueeze(0)
+        self.depth[:, new] = R
+        self.num_valid += self.valid[:, new].sum(1)
+        self.length += S
+        self._pending, self._held = 0, {}

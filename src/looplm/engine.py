@@ -1,0 +1,252 @@
+"""Batched generation with the loop-aware KV cache. Knows tokens, never text.
+
+One loop: prefill the (left-padded) prompts → sample → feed the sampled tokens → ... until every row
+has hit a stop token or max_new_tokens. `Generation` is the streaming iterator; `generate` runs it
+to the end and returns a `GenerateResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache, check_strategy
+from .model import LoopedLM
+
+
+# --------------------------------------------------------------------------- sampling (pure)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V). temperature 0 is greedy.
+
+    Each row draws from its own generator, so a row samples the same tokens in any batch.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)  # (B, V)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of token-id lists → input_ids (B, S) left-padded, attention_mask (B, S)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    S = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), S), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), S, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, S - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, S - len(p) :] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Step:
+    index: int  # 0-based step
+    tokens: torch.Tensor  # (B,) sampled tokens (pad for rows already finished)
+    active: torch.Tensor  # (B,) bool: the row produced this token (it was not finished before)
+    loops: torch.Tensor  # (B,) loops the token ran (0 for finished rows)
+
+
+@dataclass
+class GenerateResult:
+    sequences: torch.Tensor  # (B, S + N): the left-padded prompts then the new tokens (pad after a stop)
+    new_tokens: list[list[int]]  # per row, the generated tokens up to and including a stop token
+    loops_per_token: torch.Tensor  # (B, N) loops each new token ran; 0 after the row stopped
+    finish_reasons: list[str]  # "stop" or "length"
+    kv_strategy: str
+    kv_bytes: int  # bytes of KV held at the end (all rows, all stored positions)
+    kv_bytes_per_token: int  # per position of one sequence
+    kv_allocated_bytes: int
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first token comes from prefill; the rest from decode steps
+        n = self.num_new_tokens - len(self.new_tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def mean_loops(self) -> float:
+        ran = self.loops_per_token[self.loops_per_token > 0]
+        return float(ran.float().mean()) if ran.numel() else 0.0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Generation:
+    """Streaming generation: iterate for `Step`s, or call `result()`.
+
+    input_ids: (B, S) tensor (with attention_mask for left padding) or a list of token-id lists.
+    """
+
+    def __init__(
+        self,
+        model: LoopedLM,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        num_loops: int | None = None,
+        kv: str = "per_loop",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ):
+        self.model = model
+        cfg = model.config
+        self.num_loops = model.resolve_loops(num_loops)
+        self.kv = check_strategy(kv)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            ids = input_ids.long()
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+        else:
+            ids, mask = left_pad(input_ids, self.pad)
+        vocab = cfg.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
+        B, S = ids.shape
+        limit = cfg.max_position_embeddings
+        if S > limit:
+            raise ValueError(f"prompt of {S} tokens exceeds the position limit max_position_embeddings={limit}")
+        if S + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {S} tokens + max_new_tokens={max_new_tokens} exceeds the position limit "
+                f"max_position_embeddings={limit}"
+            )
+        self.ids, self.mask = ids.to(model.device), mask.to(model.device)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        if stop_tokens is None:
+            eos = cfg.eos_token_id
+            stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=model.device)
+        seeds = [seed] * B if seed is None or isinstance(seed, int) else list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
+        self.generators = None
+        if temperature > 0 and seed is not None:
+            self.generators = [torch.Generator(device=model.device).manual_seed(int(s)) for s in seeds]
+        self.cache = KVCache(cfg, batch_size=B, max_len=S + max_new_tokens, num_loops=self.num_loops,
+                             strategy=kv, dtype=model.dtype, device=model.device)
+        self.steps: list[Step] = []
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self._iter: Iterator[Step] | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    @torch.inference_mode()
+    def _run(self) -> Iterator[Step]:
+        model, R = self.model, self.num_loops
+        B = self.ids.shape[0]
+        t0 = time.perf_counter()
+        logits = model(self.ids, attention_mask=self.mask, num_loops=R, cache=self.cache, logits_to_keep=1).logits[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=self.ids.device)
+        self.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = None
+        for index in range(self.max_new_tokens):
+            if tokens is not None:
+                logits = model(tokens[:, None], num_loops=R, cache=self.cache).logits[:, -1]
+            tokens = sample(logits, generators=self.generators, **self.sampling)
+            active = ~finished
+            tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad))
+            step = Step(index, tokens, active, torch.where(active, R, 0))
+            self.steps.append(step)
+            finished = finished | (active & torch.isin(tokens, self.stop))
+            # the time a consumer spends between steps is not ours
+            self.decode_seconds += time.perf_counter() - t0
+            yield step
+            t0 = time.perf_counter()
+            if bool(finished.all()):
+                break
+
+    def result(self) -> GenerateResult:
+        for _ in self:
+            pass
+        tokens = torch.stack([s.tokens for s in self.steps], dim=1)  # (B, N)
+        active = torch.stack([s.active for s in self.steps], dim=1)
+        loops = torch.stack([s.loops for s in self.steps], dim=1)
+        new_tokens, reasons = [], []
+        stop = set(self.stop.tolist())
+        for row, act in zip(tokens.tolist(), active.tolist()):
+            toks = [t for t, a in zip(row, act) if a]
+            new_tokens.append(toks)
+            reasons.append("stop" if toks and toks[-1] in stop else "length")
+        return GenerateResult(
+            sequences=torch.cat([self.ids, tokens], dim=1),
+            new_tokens=new_tokens,
+            loops_per_token=loops,
+            finish_reasons=reasons,
+            kv_strategy=self.kv,
+            kv_bytes=self.cache.kv_bytes,
+            kv_bytes_per_token=self.cache.bytes_per_token,
+            kv_allocated_bytes=self.cache.nbytes,
+            prompt_tokens=int(self.mask.sum()),
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+        )
+
+
+def generate(model: LoopedLM, input_ids: torch.Tensor | Sequence[Sequence[int]], **kwargs) -> GenerateResult:
+    """Generate for a batch of prompts; see `Generation` for the options."""
+    return Generation(model, input_ids, **kwargs).result()
+
+
+def stream(model: LoopedLM, input_ids: torch.Tensor | Sequence[Sequence[int]], **kwargs) -> Generation:
+    """A `Generation` to iterate step by step (each `Step` holds one new token per row)."""
+    return Generation(model, input_ids, **kwargs)

@@ -1,0 +1,400 @@
+"""The looped model, top to bottom: norm → rope → attention → mlp → layer → LoopedLM.
+
+    tokens → embed → prelude → core × R loops → coda → norm → lm_head
+                                 ↑ after each loop: optional norm (Ouro), exit gate λ_r = σ(w·h_r + b)
+
+The core's layers exist once; loop r reuses them with the same RoPE positions (DESIGN.md). Module
+names follow Hugging Face's Llama/Ouro files so checkpoints load by a prefix strip (`looplm.convert`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import LoopConfig
+
+
+# --------------------------------------------------------------------------- norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, scale in the input dtype: the order HF Llama and Ouro use (bf16 parity)
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# --------------------------------------------------------------------------- rope
+
+
+def rope_inv_freq(config: LoopConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (Dh/2,) and the attention scaling for the config's RoPE type.
+
+    Types: default; linear (positions / factor); llama3 (Llama-3.1 band-wise scaling);
+    yarn (NTK-by-parts interpolation with a logit temperature, used by Qwen long-context configs).
+    """
+    dim = config.head_dim
+    base = config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = config.rope_scaling or {}
+    kind = config.rope_type
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(rs.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_ctx = rs.get("original_max_position_embeddings") or config.max_position_embeddings
+        beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
+        attention_factor = rs.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+
+            def get_mscale(scale: float, m: float = 1.0) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            if mscale and mscale_all:
+                attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+            else:
+                attention_factor = get_mscale(factor)
+
+        def correction_dim(rot: float) -> float:
+            return (dim * math.log(old_ctx / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        low = correction_dim(beta_fast)
+        high = correction_dim(beta_slow)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        interpolation = inv_freq / factor
+        return interpolation * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
+    raise ValueError(f"rope_type={kind!r} is not supported")
+
+
+class Rotary(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        inv_freq, self.scaling = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) → cos, sin (B, S, Dh) in `dtype` (computed in fp32, like HF)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, S, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, Dh)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, Dh); cos/sin (B, S, Dh). Half-split rotation (HF's rotate_half convention)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --------------------------------------------------------------------------- attention / mlp
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(k, v, layer_idx, loop_idx)  # (B, Hkv, T, Dh), T = past + S
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_head
+        )  # (B, H, S, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        D, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(D, I, bias=bias)
+        self.up_proj = nn.Linear(D, I, bias=bias)
+        self.down_proj = nn.Linear(I, D, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    """Pre-norm (Llama) or sandwich-norm (Ouro) transformer layer.
+
+    pre:      h = x + attn(n1(x));            y = h + mlp(n3(h))
+    sandwich: h = x + n2(attn(n1(x)));        y = h + n4(mlp(n3(h)))
+    with n1..n4 = input_layernorm, input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2.
+    """
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(D, eps)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.sandwich = config.norm_style == "sandwich"
+        if self.sandwich:
+            self.input_layernorm_2 = RMSNorm(D, eps)
+            self.post_attention_layernorm_2 = RMSNorm(D, eps)
+
+    def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), ctx, layer_idx, loop_idx)
+        h = x + (self.input_layernorm_2(a) if self.sandwich else a)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + (self.post_attention_layernorm_2(m) if self.sandwich else m)
+
+
+# --------------------------------------------------------------------------- outputs and helpers
+
+
+@dataclass
+class _Context:
+    """What every layer of one forward shares: rotary tables, the mask, the cache."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # (B, 1, S, T) bool, True = may attend; None with is_causal or no padding
+    is_causal: bool
+    cache: KVCache | None
+
+
+@dataclass
+class LoopOutput:
+    logits: torch.Tensor  # (B, S, V) read out at the last loop run
+    loop_logits: torch.Tensor | None = None  # (R, B, S, V) with return_loops
+    loop_hidden: torch.Tensor | None = None  # (R, B, S, D) each loop's output (after the loop norm), with return_loops
+    exit_pdf: torch.Tensor | None = None  # (B, S, R) p(exit at loop r) when the model has an exit gate
+    exit_lambda: torch.Tensor | None = None  # (B, S, R) λ_r = σ(gate(h_r)) when gated
+
+
+def exit_distribution(lam: torch.Tensor) -> torch.Tensor:
+    """Exit pdf from per-loop exit probabilities λ (..., R) (Ouro, arXiv 2510.25741 §3):
+
+    S_r = Π_{j≤r} (1 − λ_j);  p(r) = λ_r · S_{r−1} for r < R;  p(R) = S_{R−1}.  Sums to 1.
+    """
+    survive = torch.cumprod(1 - lam, dim=-1)  # S_r
+    prev = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)  # S_{r-1}
+    pdf = lam * prev
+    return torch.cat([pdf[..., :-1], prev[..., -1:]], dim=-1)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(D, 1) if config.exit_gate else None
+        self.injection = nn.Linear(2 * D, D, bias=False) if config.injection == "concat" else None
+        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # layer groups (views into self.layers: the weights exist once)
+    @property
+    def prelude(self) -> list[Layer]:
+        return list(self.layers[: self.config.num_prelude_layers])
+
+    @property
+    def core(self) -> list[Layer]:
+        P = self.config.num_prelude_layers
+        return list(self.layers[P : P + self.config.num_core_layers])
+
+    @property
+    def coda(self) -> list[Layer]:
+        return list(self.layers[self.config.num_prelude_layers + self.config.num_core_layers :])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes of unique parameters (a tied head and the looped core count once)."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    def resolve_loops(self, num_loops: int | None) -> int:
+        R = self.config.num_loops if num_loops is None else num_loops
+        if not isinstance(R, int) or isinstance(R, bool) or R < 1:
+            raise ValueError(f"num_loops must be an integer ≥ 1, got {num_loops!r}")
+        return R
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        cache: KVCache | None = None,
+        return_loops: bool = False,
+        logits_to_keep: int = 0,
+    ) -> LoopOutput:
+        """Run the pipeline on input_ids (B, S).
+
+        attention_mask (B, S): 1 for tokens, 0 for (left) padding of the *new* tokens; the cache keeps
+        the mask of the past. cache: a `KVCache`; its strategy decides what later tokens see of
+        earlier loops (docs/architecture.md). logits_to_keep: compute logits for the last k positions
+        only (0 = all).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        R = self.resolve_loops(num_loops)
+        cfg = self.config
+        ctx = self._context(input_ids, attention_mask, cache, R)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+
+        x = self.embed_tokens(input_ids)  # (B, S, D)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, i, 0)
+        e = x  # the prelude output, re-injected each loop when configured
+        P = cfg.num_prelude_layers
+        hidden, lambdas = [], []
+        for loop_idx in range(R):
+            if loop_idx > 0 and cfg.injection != "none":
+                x = x + e if self.injection is None else self.injection(torch.cat([x, e], dim=-1))
+            for j, layer in enumerate(self.core):
+                x = layer(x, ctx, P + j, loop_idx)
+            if cfg.loop_norm:
+                x = self.norm(x)
+            if self.early_exit_gate is not None:
+                lambdas.append(torch.sigmoid(self.early_exit_gate(x).squeeze(-1).float()))  # (B, S)
+            if return_loops:
+                hidden.append(x)
+
+        out = LoopOutput(logits=None)  # type: ignore[arg-type]
+        if return_loops:
+            # every loop's readout; the last one runs the coda last, so the coda's cache holds loop R
+            out.loop_logits = torch.stack([self.readout(h[:, keep], ctx) for h in hidden])  # (R, B, S, V)
+            out.loop_hidden = torch.stack(hidden)  # (R, B, S, D)
+            out.logits = out.loop_logits[-1]
+        else:
+            out.logits = self.readout(x[:, keep], ctx)
+        if lambdas:
+            out.exit_lambda = torch.stack(lambdas, dim=-1)  # (B, S, R)
+            out.exit_pdf = exit_distribution(out.exit_lambda)
+        if cache is not None:
+            cache.commit()
+        return out
+
+    def readout(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """Exit at a loop: h through the coda, the final norm and the head (DESIGN.md).
+
+        With loop_norm and no coda, h is already the norm's output (Ouro) and is not normed twice.
+        """
+        if self.coda:
+            if h.shape[1] != ctx.cos.shape[1]:
+                raise ValueError("logits_to_keep needs the coda to see every position; use 0 with a coda")
+            base = self.config.num_prelude_layers + self.config.num_core_layers
+            for i, layer in enumerate(self.coda):
+                h = layer(h, ctx, base + i, 0)
+        elif self.config.loop_norm:
+            return self.lm_head(h)
+        return self.lm_head(self.norm(h))
+
+    def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 cache: KVCache | None, R: int) -> _Context:
+        B, S = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        new_valid = (
+            torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
+            if attention_mask is None
+            else attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        )
+        if cache is None:
+            past, positions = 0, (new_valid.long().cumsum(1) - 1).clamp(min=0)
+            key_valid = new_valid
+        else:
+            past = cache.length
+            positions, key_valid = cache.begin(new_valid, num_loops=R)  # (B, S), (B, past + S)
+        limit = self.config.max_position_embeddings
+        if past + S > limit:
+            raise ValueError(
+                f"sequence length {past + S} (past {past} + new {S}) exceeds the position limit "
+                f"max_position_embeddings={limit}"
+            )
+        if self.config.sliding_window and past + S > self.config.sliding_window:
+            raise ValueError(
+                f"sequence length {past + S} exceeds sliding_window={self.config.sliding_window}; looplm runs "
+                "full attention and is exact only within the window"
+            )
+        cos, sin = self.rotary(positions, self.dtype)
+        all_valid = bool(key_valid.all())
+        if all_valid and past == 0:
+            return _Context(cos, sin, None, S > 1, cache)
+        if all_valid and S == 1:
+            return _Context(cos, sin, None, False, cache)
+        T = past + S
+        q_pos = torch.arange(past, T, device=input_ids.device)[:, None]  # (S, 1)
+        k_pos = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
+        causal = k_pos <= q_pos  # (S, T)
+        # a padded query attends to itself so no row is all -inf (NaN would leak into its K/V)
+        mask = causal[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])  # (B, S, T)
+        return _Context(cos, sin, mask[:, None], False, cache)
