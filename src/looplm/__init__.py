@@ -4,3 +4,6 @@ from .config import LoopConfig
 from .model import LoopedLM, LoopOutput, exit_distribution
 from .checkpoint import CheckpointError, default_model_dir, load, load_tokenizer, save
 from .engine import GenerateResult, Generation, generate, sample, stream
+from .hf import LoopLMConfig, LoopLMForCausalLM, register as _register_with_transformers
+
+_register_with_transformers()

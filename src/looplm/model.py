@@ -329,11 +329,11 @@ class LoopedLM(nn.Module):
         out = LoopOutput(logits=None)  # type: ignore[arg-type]
         if return_loops:
             # every loop's readout; the last one runs the coda last, so the coda's cache holds loop R
-            out.loop_logits = torch.stack([self.readout(h[:, keep], ctx) for h in hidden])  # (R, B, S, V)
+            out.loop_logits = torch.stack([self.readout(h, ctx, keep) for h in hidden])  # (R, B, S, V)
             out.loop_hidden = torch.stack(hidden)  # (R, B, S, D)
             out.logits = out.loop_logits[-1]
         else:
-            out.logits = self.readout(x[:, keep], ctx)
+            out.logits = self.readout(x, ctx, keep)
         if lambdas:
             out.exit_lambda = torch.stack(lambdas, dim=-1)  # (B, S, R)
             out.exit_pdf = exit_distribution(out.exit_lambda)
@@ -341,20 +341,18 @@ class LoopedLM(nn.Module):
             cache.commit()
         return out
 
-    def readout(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, ctx: _Context, keep: slice = slice(None)) -> torch.Tensor:
         """Exit at a loop: h through the coda, the final norm and the head (DESIGN.md).
 
+        The coda sees every position (its KV is cached); only the `keep` positions reach the head.
         With loop_norm and no coda, h is already the norm's output (Ouro) and is not normed twice.
         """
-        if self.coda:
-            if h.shape[1] != ctx.cos.shape[1]:
-                raise ValueError("logits_to_keep needs the coda to see every position; use 0 with a coda")
-            base = self.config.num_prelude_layers + self.config.num_core_layers
-            for i, layer in enumerate(self.coda):
-                h = layer(h, ctx, base + i, 0)
-        elif self.config.loop_norm:
-            return self.lm_head(h)
-        return self.lm_head(self.norm(h))
+        if not self.coda and self.config.loop_norm:
+            return self.lm_head(h[:, keep])
+        base = self.config.num_prelude_layers + self.config.num_core_layers
+        for i, layer in enumerate(self.coda):
+            h = layer(h, ctx, base + i, 0)
+        return self.lm_head(self.norm(h[:, keep]))
 
     def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  cache: KVCache | None, R: int) -> _Context:
