@@ -50,30 +50,6 @@ def sync(device: str) -> float:
     return time.perf_counter()
 
 
-def fix_logits_to_keep(model: looplm.LoopedLM) -> looplm.LoopedLM:
-    """Work around a looplm bug: with a coda, forward(logits_to_keep=k) slices positions *before* the
-    coda, which then raises, so generate() fails at prefill. Run the coda on every position, then
-    keep the last k for the norm and head (what LoopedLM.readout does with a coda otherwise)."""
-    if not model.coda:
-        return model
-    forward, keep, base = model.forward, [0], model.config.num_prelude_layers + model.config.num_core_layers
-
-    def forward_(*args, logits_to_keep: int = 0, **kwargs):
-        keep[0] = logits_to_keep
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            keep[0] = 0
-
-    def readout_(h, ctx):
-        for i, layer in enumerate(model.coda):
-            h = layer(h, ctx, base + i, 0)
-        return model.lm_head(model.norm(h[:, -keep[0]:] if keep[0] else h))
-
-    model.forward, model.readout = forward_, readout_
-    return model
-
-
 def build_models(path: Path, I: int, J: int, R: int, dtype: torch.dtype, device: str):
     """(looped LoopedLM, unrolled LlamaForCausalLM) on the same weights."""
     cfg, _ = ck.read_config(path)
@@ -82,7 +58,7 @@ def build_models(path: Path, I: int, J: int, R: int, dtype: torch.dtype, device:
         raise SystemExit(f"--core {I}:{J} does not fit a model of {N} layers")
     cfg = dataclasses.replace(cfg, num_prelude_layers=I, num_core_layers=J - I, num_coda_layers=N - J, num_loops=R)
     tensors = ck._to_looplm_names(ck.read_safetensors(path))
-    looped = fix_logits_to_keep(ck.build(cfg, dict(tensors), where=str(path), dtype=dtype, device=device))
+    looped = ck.build(cfg, dict(tensors), where=str(path), dtype=dtype, device=device)
 
     C, L = J - I, I + R * (J - I) + (N - J)
     source = [u if u < I else I + (u - I) % C if u < I + R * C else u - (R - 1) * C for u in range(L)]

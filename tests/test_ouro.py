@@ -123,7 +123,7 @@ def ref_forward(t: dict[str, torch.Tensor], ids: torch.Tensor, R: int):
         lams.append(torch.sigmoid(x @ t["model.early_exit_gate.weight"][0] + t["model.early_exit_gate.bias"][0]))
     pdf, survive = [], torch.ones(B, S)
     for r, lam in enumerate(lams):
-        pdf.append(lam * survive)
+        pdf.append(survive if r == R - 1 else lam * survive)
         survive = survive * (1 - lam)
     return torch.stack(logits), torch.stack(pdf, -1)
 
