@@ -201,7 +201,9 @@ class _Context:
 @dataclass
 class LoopOutput:
     logits: torch.Tensor  # (B, S, V) read out at the last loop run
-    loop_logits: torch.Tensor | None = None  # (R, B, S, V) with return_loops
+    # (R, B, S, V) with return_loops. With a coda, loop r's readout runs the coda on loop r's hidden
+    # state of the new positions; cached past positions are seen through the coda KV of their own exit.
+    loop_logits: torch.Tensor | None = None
     loop_hidden: torch.Tensor | None = None  # (R, B, S, D) each loop's output (after the loop norm), with return_loops
     exit_pdf: torch.Tensor | None = None  # (B, S, R) p(exit at loop r) when the model has an exit gate
     exit_lambda: torch.Tensor | None = None  # (B, S, R) λ_r = σ(gate(h_r)) when gated
