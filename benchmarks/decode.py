@@ -62,7 +62,7 @@ def build_models(path: Path, I: int, J: int, R: int, dtype: torch.dtype, device:
 
     C, L = J - I, I + R * (J - I) + (N - J)
     source = [u if u < I else I + (u - I) % C if u < I + R * C else u - (R - 1) * C for u in range(L)]
-    sd = {f"model.{k}": v for k, v in tensors.items() if not k.startswith("layers.")}
+    sd = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in tensors.items() if not k.startswith("layers.")}
     for u, s in enumerate(source):
         prefix = f"layers.{s}."
         sd.update({f"model.layers.{u}.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
@@ -170,7 +170,8 @@ def main() -> None:
             steps = args.new_tokens - 1
             row = dict(model=name, kv=kv, batch=B, prefill_ms=1e3 * prefill, decode_tok_s=B * steps / decode,
                        weight_bytes=w_bytes[name], kv_bytes_per_token=rs[0]["kv_bpt"],
-                       tokens_match_hf=bool((rs[0]["tokens"] == hf_tokens).all()))
+                       tokens_match_hf=bool((rs[0]["tokens"] == hf_tokens).all()),
+                       decode_spread=(max(r["decode"] for r in rs) - min(r["decode"] for r in rs)) / decode)
             if dev == "cuda":
                 row["peak_mem_bytes"] = peak[(name, kv)]
                 if B == 1:  # each layer-loop reads T positions of one slot, whatever the strategy keeps

@@ -109,6 +109,13 @@ class GenerateResult:
 # --------------------------------------------------------------------------- the loop
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Generation:
     """Streaming generation: iterate for `Step`s, or call `result()`.
 
@@ -193,11 +200,12 @@ class Generation:
     def _run(self) -> Iterator[Step]:
         model, R = self.model, self.num_loops
         B = self.ids.shape[0]
-        t0 = time.perf_counter()
+        dev = self.ids.device
+        t0 = _clock(dev)
         logits = model(self.ids, attention_mask=self.mask, num_loops=R, cache=self.cache, logits_to_keep=1).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=self.ids.device)
-        self.prefill_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        self.prefill_seconds = _clock(dev) - t0
+        t0 = _clock(dev)
         tokens = None
         for index in range(self.max_new_tokens):
             if tokens is not None:
@@ -209,9 +217,9 @@ class Generation:
             self.steps.append(step)
             finished = finished | (active & torch.isin(tokens, self.stop))
             # the time a consumer spends between steps is not ours
-            self.decode_seconds += time.perf_counter() - t0
+            self.decode_seconds += _clock(dev) - t0
             yield step
-            t0 = time.perf_counter()
+            t0 = _clock(dev)
             if bool(finished.all()):
                 break
 
