@@ -123,41 +123,67 @@ class KVCache:
         self._pending, self._loops = S, num_loops
         return positions, self.valid[:, : L + S]
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, loop_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new positions' K/V (B, Hkv, S, Dh) for (layer, loop); return K/V over all positions."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, loop_idx: int,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions' K/V (n, Hkv, S, Dh) for (layer, loop); return K/V over all positions.
+
+        rows: the batch rows these are (default all B): rows that stopped looping are left out, so
+        what their positions hold stays what they computed last.
+        """
         L, S = self.length, self._pending
         assert k.shape[2] == S, "update() outside begin()/commit() or with a different length"
+        at = slice(None) if rows is None else rows
         if self.config.is_core(layer_idx) and self.strategy in ("first", "mean"):
             held = self._held.get(layer_idx)
-            if loop_idx == 0 or held is None:
-                self._held[layer_idx] = [k.to(torch.float32, copy=True), v.to(torch.float32, copy=True)] if self.strategy == "mean" else [k, v]
-            elif self.strategy == "mean":
-                held[0] += k
-                held[1] += v
+            if held is None:  # first write of this forward: every row computes loop 1
+                shape = (self.batch_size, *k.shape[1:])
+                held = self._held[layer_idx] = [torch.zeros(shape, dtype=torch.float32, device=k.device),
+                                                torch.zeros(shape, dtype=torch.float32, device=k.device)]
+            if self.strategy == "mean":
+                held[0][at] += k.float()
+                held[1][at] += v.float()
+            elif loop_idx == 0:
+                held[0][at] = k.float()
+                held[1][at] = v.float()
         s = self.slot(layer_idx, loop_idx)
-        self.k[s, :, :, L : L + S] = k
-        self.v[s, :, :, L : L + S] = v
-        return self.k[s, :, :, : L + S], self.v[s, :, :, : L + S]
+        if rows is None:
+            self.k[s, :, :, L : L + S] = k
+            self.v[s, :, :, L : L + S] = v
+            return self.k[s, :, :, : L + S], self.v[s, :, :, : L + S]
+        self.k[s, rows, :, L : L + S] = k
+        self.v[s, rows, :, L : L + S] = v
+        return self.k[s, rows, :, : L + S], self.v[s, rows, :, : L + S]
 
-    def commit(self) -> None:
-        """Store what the strategy keeps for the new positions and advance the cache."""
+    def commit(self, exit_loops: torch.Tensor | None = None) -> None:
+        """Store what the strategy keeps for the new positions and advance the cache.
+
+        exit_loops (B, S): loops each new position ran (default: all the forward's loops); 0 for a
+        position not computed (a finished row). Deeper slots of a position that stopped early get its
+        deepest computed K/V (per_loop); `mean` divides by each position's own loop count.
+        """
         L, S, R = self.length, self._pending, self._loops
         new = slice(L, L + S)
+        if exit_loops is None:
+            exit_loops = torch.full((self.batch_size, S), R, dtype=torch.long, device=self.k.device)
         P, C = self.config.num_prelude_layers, self.config.num_core_layers
         for layer_idx, (hk, hv) in self._held.items():
             s = self.slot(layer_idx, 0)
             if self.strategy == "mean":
-                hk, hv = hk / R, hv / R
+                n = exit_loops.clamp(min=1).to(hk.dtype)[:, None, :, None]  # (B, 1, S, 1)
+                hk, hv = hk / n, hv / n
             self.k[s, :, :, new] = hk.to(self.k.dtype)
             self.v[s, :, :, new] = hv.to(self.v.dtype)
-        if self.strategy == "per_loop" and R < self.num_loops:
-            # deeper loops of later tokens read these positions' deepest computed KV (loop R)
+        if self.strategy == "per_loop" and bool((exit_loops < self.num_loops).any()):
+            # slot r of a position that ran e ≤ r loops ← its slot e-1 (its deepest computed loop)
+            Rc = self.num_loops
+            src = torch.minimum(torch.arange(Rc, device=exit_loops.device)[:, None, None],
+                                (exit_loops - 1).clamp(min=0)[None])  # (Rc, B, S)
+            idx = src[:, :, None, :, None].expand(Rc, self.batch_size, self.k.shape[2], S, self.k.shape[4])
             for layer_idx in range(P, P + C):
-                src, first = self.slot(layer_idx, R - 1), self.slot(layer_idx, R)
-                last = self._base[layer_idx] + self.num_loops
-                self.k[first:last, :, :, new] = self.k[src, :, :, new].unsqueeze(0)
-                self.v[first:last, :, :, new] = self.v[src, :, :, new].unsqueeze(0)
-        self.depth[:, new] = R
+                slots = slice(self._base[layer_idx], self._base[layer_idx] + Rc)
+                self.k[slots, :, :, new] = self.k[slots, :, :, new].gather(0, idx)
+                self.v[slots, :, :, new] = self.v[slots, :, :, new].gather(0, idx)
+        self.depth[:, new] = exit_loops.to(self.depth.dtype)
         self.num_valid += self.valid[:, new].sum(1)
         self.length += S
         self._pending, self._held = 0, {}

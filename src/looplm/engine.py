@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache, check_strategy
+from .exits import ExitPolicy, LoopTracker
 from .model import LoopedLM
 
 
@@ -88,7 +89,8 @@ class GenerateResult:
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    extra: dict = field(default_factory=dict)
+    decode_core_layer_evals: int = 0  # (row, core layer) evaluations of the decode steps
+    exit_policy: str = ""
 
     @property
     def num_new_tokens(self) -> int:
@@ -130,6 +132,7 @@ class Generation:
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         num_loops: int | None = None,
+        exit: str | ExitPolicy | None = None,
         kv: str = "per_loop",
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -140,7 +143,7 @@ class Generation:
     ):
         self.model = model
         cfg = model.config
-        self.num_loops = model.resolve_loops(num_loops)
+        self.num_loops, self.policy = model.resolve_budget(num_loops, exit)
         self.kv = check_strategy(kv)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -188,6 +191,7 @@ class Generation:
         self.cache = KVCache(cfg, batch_size=B, max_len=S + max_new_tokens, num_loops=self.num_loops,
                              strategy=kv, dtype=model.dtype, device=model.device)
         self.steps: list[Step] = []
+        self.decode_core_layer_evals = 0  # (row, core layer) evaluations in decode steps: the compute spent
         self.prefill_seconds = self.decode_seconds = 0.0
         self._iter: Iterator[Step] | None = None
 
@@ -202,18 +206,23 @@ class Generation:
         B = self.ids.shape[0]
         dev = self.ids.device
         t0 = _clock(dev)
-        logits = model(self.ids, attention_mask=self.mask, num_loops=R, cache=self.cache, logits_to_keep=1).logits[:, -1]
-        finished = torch.zeros(B, dtype=torch.bool, device=self.ids.device)
+        # prefill: every prompt position runs every loop (each loop keeps its KV inside the prompt);
+        # the first new token comes from the last position's own exit loop
+        out = model(self.ids, attention_mask=self.mask, num_loops=R, exit=self.policy, cache=self.cache,
+                    logits_to_keep=1)
+        logits = out.logits[:, -1]
+        loops = out.exit_loop[:, -1] if out.exit_loop is not None else torch.full((B,), R, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.prefill_seconds = _clock(dev) - t0
         t0 = _clock(dev)
         tokens = None
         for index in range(self.max_new_tokens):
             if tokens is not None:
-                logits = model(tokens[:, None], num_loops=R, cache=self.cache).logits[:, -1]
+                logits, loops = self._decode_step(tokens, ~finished)
             tokens = sample(logits, generators=self.generators, **self.sampling)
             active = ~finished
             tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad))
-            step = Step(index, tokens, active, torch.where(active, R, 0))
+            step = Step(index, tokens, active, torch.where(active, loops, 0))
             self.steps.append(step)
             finished = finished | (active & torch.isin(tokens, self.stop))
             # the time a consumer spends between steps is not ours
@@ -222,6 +231,58 @@ class Generation:
             t0 = _clock(dev)
             if bool(finished.all()):
                 break
+
+    def _decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per active row. Rows leave the loop when their policy fires: each loop gathers
+        the rows still looping and runs the core on them only (no full-batch loops under a mask).
+        Returns logits (B, V) (zeros for inactive rows) and the loops each row ran (B,)."""
+        model, cache, R, C = self.model, self.cache, self.num_loops, self.model.config.num_core_layers
+        B = tokens.shape[0]
+        rows = active.nonzero().squeeze(1)  # (n,) rows that are not finished
+        ctx = model._context(tokens[:, None], active[:, None].long(), cache, R)
+        full = ctx if len(rows) == B else ctx.select(rows)
+        x = e = model.embed(tokens[rows, None], full)  # (n, 1, D)
+        loops = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        if self.policy is None:
+            for loop_idx in range(R):
+                x = model.core_loop(x, e, full, loop_idx)
+            self.decode_core_layer_evals += len(rows) * R * C
+            loops[rows] = R
+            logits_rows = model.readout(x, full)[:, -1]
+        else:
+            tracker = LoopTracker(self.policy, len(rows), tokens.device, start_hidden=x[:, 0])
+            run = rows  # rows still looping (indices into the batch)
+            sub = full
+            final_h = torch.empty_like(x)  # (n, 1, D) each row's state at its exit
+            logits_rows = None
+            pos = torch.full((B,), -1, dtype=torch.long, device=tokens.device)
+            pos[rows] = torch.arange(len(rows), device=tokens.device)  # batch row → index in `rows`
+            for loop_idx in range(R):
+                x = model.core_loop(x, e, sub, loop_idx)
+                self.decode_core_layer_evals += len(run) * C
+                lg = model.readout(x, sub)[:, -1] if "logits" in self.policy.needs else None
+                stats = tracker.step(loop_idx + 1, hidden=x[:, 0], lam=model.exit_lambda(x[:, 0]), logits=lg)
+                done = self.policy.exits(stats, R)
+                if bool(done.any()):
+                    at = pos[run[done]]
+                    final_h[at] = x[done]
+                    loops[run[done]] = loop_idx + 1
+                    if lg is not None:
+                        if logits_rows is None:
+                            logits_rows = lg.new_zeros(len(rows), lg.shape[-1])
+                        logits_rows[at] = lg[done]
+                if bool(done.all()):
+                    break
+                stay = ~done
+                run, x, e = run[stay], x[stay], e[stay]
+                tracker.keep(stay)
+                sub = ctx.select(run)
+            if logits_rows is None:  # the coda (if any) runs here on each row's exit state
+                logits_rows = model.readout(final_h, full)[:, -1]
+        cache.commit(exit_loops=loops[:, None])
+        logits = logits_rows.new_zeros(B, logits_rows.shape[-1])
+        logits[rows] = logits_rows
+        return logits, loops
 
     def result(self) -> GenerateResult:
         for _ in self:
@@ -247,6 +308,8 @@ class Generation:
             prompt_tokens=int(self.mask.sum()),
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
+            decode_core_layer_evals=self.decode_core_layer_evals,
+            exit_policy=str(self.policy) if self.policy is not None else f"static:{self.num_loops}",
         )
 
 

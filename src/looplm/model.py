@@ -16,8 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from typing import TYPE_CHECKING
+
 from .config import LoopConfig
+from .exits import ExitPolicy, LoopTracker, Static, parse_exit
+
+if TYPE_CHECKING:
+    from .cache import KVCache
 
 
 # --------------------------------------------------------------------------- norm
@@ -138,7 +143,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, layer_idx, loop_idx)  # (B, Hkv, T, Dh), T = past + S
+            k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = past + S
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_head
         )  # (B, H, S, Dh)
@@ -196,6 +201,12 @@ class _Context:
     mask: torch.Tensor | None  # (B, 1, S, T) bool, True = may attend; None with is_causal or no padding
     is_causal: bool
     cache: KVCache | None
+    rows: torch.Tensor | None = None  # the batch rows computed (None: all); the rest stopped looping
+
+    def select(self, rows: torch.Tensor) -> _Context:
+        """The context of a subset of rows (indices into the full batch)."""
+        return _Context(self.cos[rows], self.sin[rows], None if self.mask is None else self.mask[rows],
+                        self.is_causal, self.cache, rows)
 
 
 @dataclass
@@ -207,6 +218,7 @@ class LoopOutput:
     loop_hidden: torch.Tensor | None = None  # (R, B, S, D) each loop's output (after the loop norm), with return_loops
     exit_pdf: torch.Tensor | None = None  # (B, S, R) p(exit at loop r) when the model has an exit gate
     exit_lambda: torch.Tensor | None = None  # (B, S, R) λ_r = σ(gate(h_r)) when gated
+    exit_loop: torch.Tensor | None = None  # (B, S) the loop (1-based) each position's logits come from, with exit=
 
 
 def exit_distribution(lam: torch.Tensor) -> torch.Tensor:
@@ -285,12 +297,30 @@ class LoopedLM(nn.Module):
             raise ValueError(f"num_loops must be an integer ≥ 1, got {num_loops!r}")
         return R
 
+    def resolve_budget(self, num_loops: int | None, exit: str | ExitPolicy | None) -> tuple[int, ExitPolicy | None]:
+        """(R, policy): R = num_loops (default the config's), capped by the policy's max; a static
+        policy becomes plain R (policy None), which needs no per-loop statistics."""
+        if exit is None:
+            return self.resolve_loops(num_loops), None
+        policy = parse_exit(exit)
+        R = self.resolve_loops(num_loops)
+        if policy.max_loops is not None:
+            R = policy.max_loops if num_loops is None else min(R, policy.max_loops)
+        if isinstance(policy, Static):
+            return R, None
+        if "gate" in policy.needs and self.early_exit_gate is None:
+            raise ValueError(f"exit policy {str(exit)!r} needs an exit gate; this model has none (exit_gate=False)")
+        if policy.min_loops > R:
+            raise ValueError(f"exit policy {str(exit)!r}: min={policy.min_loops} > the {R} loops run")
+        return R, policy
+
     def forward(
         self,
         input_ids: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None = None,
         num_loops: int | None = None,
+        exit: str | ExitPolicy | None = None,
         cache: KVCache | None = None,
         return_loops: bool = False,
         logits_to_keep: int = 0,
@@ -298,41 +328,48 @@ class LoopedLM(nn.Module):
         """Run the pipeline on input_ids (B, S).
 
         attention_mask (B, S): 1 for tokens, 0 for (left) padding of the *new* tokens; the cache keeps
-        the mask of the past. cache: a `KVCache`; its strategy decides what later tokens see of
-        earlier loops (docs/architecture.md). logits_to_keep: compute logits for the last k positions
-        only (0 = all).
+        the mask of the past. exit: an exit policy ("q:0.5", "conv:0.02", ...): every position still
+        runs every loop (as in prefill), and its logits are read out at its own exit loop
+        (`out.exit_loop`). cache: a `KVCache`; its strategy decides what later tokens see of earlier
+        loops (docs/architecture.md). logits_to_keep: logits for the last k positions only (0 = all).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        R = self.resolve_loops(num_loops)
-        cfg = self.config
+        R, policy = self.resolve_budget(num_loops, exit)
         ctx = self._context(input_ids, attention_mask, cache, R)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
 
-        x = self.embed_tokens(input_ids)  # (B, S, D)
-        for i, layer in enumerate(self.prelude):
-            x = layer(x, ctx, i, 0)
-        e = x  # the prelude output, re-injected each loop when configured
-        P = cfg.num_prelude_layers
-        hidden, lambdas = [], []
+        x = e = self.embed(input_ids, ctx)  # (B, S, D); e is re-injected each loop when configured
+        tracker = None if policy is None else LoopTracker(policy, B * S, x.device, start_hidden=x.flatten(0, 1))
+        exit_loop = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        hidden, lambdas, loop_logits = [], [], []
         for loop_idx in range(R):
-            if loop_idx > 0 and cfg.injection != "none":
-                x = x + e if self.injection is None else self.injection(torch.cat([x, e], dim=-1))
-            for j, layer in enumerate(self.core):
-                x = layer(x, ctx, P + j, loop_idx)
-            if cfg.loop_norm:
-                x = self.norm(x)
-            if self.early_exit_gate is not None:
-                lambdas.append(torch.sigmoid(self.early_exit_gate(x).squeeze(-1).float()))  # (B, S)
-            if return_loops:
+            x = self.core_loop(x, e, ctx, loop_idx)
+            lam = self.exit_lambda(x)  # (B, S) or None
+            if lam is not None:
+                lambdas.append(lam)
+            if return_loops or (policy is not None and "logits" in policy.needs):
+                loop_logits.append(self.readout(x, ctx, keep if policy is None else slice(None)))
+            if return_loops or policy is not None:
                 hidden.append(x)
+            if tracker is not None:
+                stats = tracker.step(loop_idx + 1, hidden=x.flatten(0, 1),
+                                     lam=None if lam is None else lam.flatten(),
+                                     logits=loop_logits[-1].flatten(0, 1) if loop_logits else None)
+                fired = policy.exits(stats, R).view(B, S)
+                exit_loop = torch.where((exit_loop == 0) & fired, loop_idx + 1, exit_loop)
 
         out = LoopOutput(logits=None)  # type: ignore[arg-type]
         if return_loops:
-            # every loop's readout; the last one runs the coda last, so the coda's cache holds loop R
-            out.loop_logits = torch.stack([self.readout(h, ctx, keep) for h in hidden])  # (R, B, S, V)
             out.loop_hidden = torch.stack(hidden)  # (R, B, S, D)
+            out.loop_logits = torch.stack([ll[:, keep] for ll in loop_logits])  # (R, B, S, V)
+        if policy is not None:
+            # each position's own exit loop; the coda runs last on these states, so its cache holds them
+            pick = (exit_loop - 1)[None, :, :, None].expand(1, B, S, x.shape[-1])
+            x = torch.stack(hidden).gather(0, pick)[0]  # (B, S, D)
+            out.exit_loop = exit_loop
+        if return_loops and policy is None:
             out.logits = out.loop_logits[-1]
         else:
             out.logits = self.readout(x, ctx, keep)
@@ -342,6 +379,30 @@ class LoopedLM(nn.Module):
         if cache is not None:
             cache.commit()
         return out
+
+    # pieces of the pipeline, also driven loop by loop by the engine
+
+    def embed(self, input_ids: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """Token embedding then the prelude: (B, S) → (B, S, D)."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, i, 0)
+        return x
+
+    def core_loop(self, x: torch.Tensor, e: torch.Tensor, ctx: _Context, loop_idx: int) -> torch.Tensor:
+        """One loop: injection (loops ≥ 2), the core layers, the loop norm."""
+        cfg = self.config
+        if loop_idx > 0 and cfg.injection != "none":
+            x = x + e if self.injection is None else self.injection(torch.cat([x, e], dim=-1))
+        for j, layer in enumerate(self.core):
+            x = layer(x, ctx, cfg.num_prelude_layers + j, loop_idx)
+        return self.norm(x) if cfg.loop_norm else x
+
+    def exit_lambda(self, h: torch.Tensor) -> torch.Tensor | None:
+        """λ = σ(gate(h)) in fp32, (..., D) → (...); None without a gate."""
+        if self.early_exit_gate is None:
+            return None
+        return torch.sigmoid(self.early_exit_gate(h).squeeze(-1).float())
 
     def readout(self, h: torch.Tensor, ctx: _Context, keep: slice = slice(None)) -> torch.Tensor:
         """Exit at a loop: h through the coda, the final norm and the head (DESIGN.md).
