@@ -176,7 +176,8 @@ def test_stopped_tokens_expose_their_deepest_kv_in_decode():
     res = gen.result()
     cache, P = gen.cache, model.config.num_prelude_layers
     depth = cache.depth[0, 4 : cache.length].tolist()  # decode positions: the tokens fed back
-    assert depth == res.loops_per_token[0, : len(depth)].tolist() and min(depth) < 4
+    # new token i is fed back at position 4 + i - 1 and runs loops_per_token[i] loops there
+    assert depth == res.loops_per_token[0, 1 : 1 + len(depth)].tolist() and min(depth) < 4
     for t, e in enumerate(depth, start=4):
         for r in range(e, 4):  # every deeper slot holds the loop-e K/V
             assert torch.equal(cache.k[cache.slot(P, r), 0, :, t], cache.k[cache.slot(P, e - 1), 0, :, t])
