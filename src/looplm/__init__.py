@@ -7,3 +7,5 @@ from .engine import GenerateResult, Generation, generate, sample, stream
 from .hf import LoopLMConfig, LoopLMForCausalLM, register as _register_with_transformers
 
 _register_with_transformers()
+from .calibrate import Calibration, calibrate
+from .exits import ExitPolicy, parse_exit

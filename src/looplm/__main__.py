@@ -29,7 +29,8 @@ def _fail(message: str) -> None:
 def generate(
     prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt text; repeat for a batch.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf; default SmolLM2-135M-Instruct.")] = None,
-    loops: Annotated[Optional[int], typer.Option(help="Loops of the core per token (default: the model's).")] = None,
+    loops: Annotated[Optional[int], typer.Option(help="Loops of the core per token (default: the model's); the cap with --exit.")] = None,
+    exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy per token, e.g. q:0.6, conv:0.02, kl:1e-3, entropy:1.0, 'q:0.6|conv:0.02,min=2'.")] = None,
     kv: Annotated[str, typer.Option(help="KV strategy: per_loop | last | mean | first.")] = "per_loop",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -60,17 +61,21 @@ def generate(
             _fail(f"{path} has no chat template; use --raw")
         ids = [_encode(tok, p, use_chat) for p in prompts]
         stop = _stop_tokens(net, tok)
-        gen = looplm.stream(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, kv=kv, temperature=temperature,
+        gen = looplm.stream(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, exit=exit, kv=kv, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop, pad_token_id=tok.pad_token_id)
     except ValueError as e:  # bad input: a clear message, no traceback
         _fail(str(e))
     _run_with_progress(gen, tok, single=len(prompts) == 1 and not json_out)
     res = gen.result()
     texts = [tok.decode([t for t in toks if t not in stop]) for toks in res.new_tokens]
+    histogram = _loops_histogram(res.loops_per_token, gen.num_loops)
     if json_out:
         report = {
             "model": path,
             "num_loops": gen.num_loops,
+            "exit": res.exit_policy,
+            "mean_loops": round(res.mean_loops, 4),
+            "loops_histogram": histogram,
             "kv": {"strategy": res.kv_strategy, "bytes": res.kv_bytes, "bytes_per_token": res.kv_bytes_per_token,
                    "allocated_bytes": res.kv_allocated_bytes},
             "timings": {"load_s": round(load_seconds, 4), "prefill_s": round(res.prefill_seconds, 4),
@@ -89,12 +94,70 @@ def generate(
         for p, t in zip(prompts, texts):
             typer.secho(f"> {p}", bold=True)
             print(t.strip() + "\n")
+    if gen.policy is not None:
+        bars = "  ".join(f"{r}:{'#' * round(20 * n / max(1, res.num_new_tokens))}{n}" for r, n in histogram.items())
+        typer.secho(f"[loops per token under {res.exit_policy}: mean {res.mean_loops:.2f} of {gen.num_loops}  {bars}]",
+                    dim=True, err=True)
     typer.secho(
         f"[{res.num_new_tokens} tokens, {gen.num_loops} loops, kv={res.kv_strategy} {res.kv_bytes / 2**20:.2f} MiB "
         f"({res.kv_bytes_per_token} B/token), prefill {res.prefill_seconds * 1e3:.0f} ms, "
         f"decode {res.decode_tokens_per_second:.1f} tok/s]",
         dim=True, err=True,
     )
+
+
+@app.command()
+def calibrate(
+    text: Annotated[str, typer.Option(help="Calibration text file (plain UTF-8), e.g. shared/data/text/tinystories_val.txt.")],
+    model: Annotated[Optional[str], typer.Option(help="Model dir; default SmolLM2-135M-Instruct.")] = None,
+    policy: Annotated[str, typer.Option(help="q | conv | kl | entropy.")] = "q",
+    target_mean_loops: Annotated[Optional[float], typer.Option(help="Mean loops per token to hit.")] = None,
+    max_quality_loss: Annotated[Optional[float], typer.Option(help="Allowed NLL increase (nats/token) over full depth.")] = None,
+    loops: Annotated[Optional[int], typer.Option(help="Loops R (the cap).")] = None,
+    min_loops: Annotated[int, typer.Option(help="Never exit before this loop.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result (and the frontier) as JSON.")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+) -> None:
+    """Find the exit threshold that hits a target mean loop count (or quality loss) on calibration text."""
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    import looplm
+
+    if dtype not in DTYPES:
+        _fail(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not Path(text).is_file():
+        _fail(f"calibration text {text!r} does not exist")
+    try:
+        path = model or str(looplm.default_model_dir())
+        net = looplm.load(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
+        tok = looplm.load_tokenizer(path)
+        cal = looplm.calibrate(net, [Path(text).read_text()], policy=policy, target_mean_loops=target_mean_loops,
+                               max_quality_loss=max_quality_loss, num_loops=loops, tokenizer=tok, seq_len=seq_len,
+                               max_tokens=max_tokens, min_loops=min_loops, progress=True)
+    except ValueError as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps(dataclasses.asdict(cal)))
+        return
+    R = len(cal.nll_static)
+    print(f"policy      {cal.policy}    (use: looplm generate --exit '{cal.policy}' --loops {R})")
+    print(f"tokens      {cal.tokens}")
+    print(f"mean loops  {cal.mean_loops:.3f} of {R}  ({cal.mean_loops / R:.0%} of full-depth compute in the core)")
+    print(f"NLL         {cal.nll:.4f} at the exits vs {cal.nll_full_depth:.4f} at full depth "
+          f"({cal.nll - cal.nll_full_depth:+.4f} nats/token)")
+    print("static      " + "  ".join(f"R={r}: {n:.4f}" for r, n in enumerate(cal.nll_static, start=1)))
+
+
+def _loops_histogram(loops_per_token, num_loops: int) -> dict[str, int]:
+    """Count of generated tokens per loop count 1..R."""
+    counts = [int((loops_per_token == r).sum()) for r in range(1, num_loops + 1)]
+    return {str(r): n for r, n in zip(range(1, num_loops + 1), counts)}
 
 
 def _encode(tok, text: str, chat: bool) -> list[int]:
