@@ -66,3 +66,42 @@ def test_cli_bad_input_is_one_clear_line(smollm2_dir):
                          (["--model", "/no/such/dir"], "/no/such/dir")]:
         result = runner.invoke(app, ["generate", "--model", str(smollm2_dir), *args])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+
+
+def test_retrofit_with_one_loop_is_the_original_and_with_two_the_duplicated_block(smollm2_dir, models):
+    """core=(i, j) loops layers i..j-1 with shared weights ≡ an HF model with those layers copied."""
+    _, ref, tok = models
+    i, j = 12, 15
+    ids = torch.tensor([tok.encode("Looping a block of layers without copying weights.")])
+    one = looplm.load(smollm2_dir, core=(i, j), num_loops=1)
+    assert (one.config.num_prelude_layers, one.config.num_core_layers, one.config.num_coda_layers) == (12, 3, 15)
+    two = looplm.load(smollm2_dir, core=(i, j), num_loops=2)
+    assert two.weight_bytes() == one.weight_bytes()  # looping allocates no weights
+    cfg = ref.config.to_dict()
+    cfg["num_hidden_layers"] = 30 + (j - i)
+    dup = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cfg.items()
+                                                                    if k not in ("architectures", "layer_types")}))
+    order = list(range(j)) + list(range(i, 30))  # layers 0..14, then 12..29
+    sd = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith("model.layers."):
+            continue
+        sd[k] = v
+    for new, old in enumerate(order):
+        for name, v in ref.model.layers[old].state_dict().items():
+            sd[f"model.layers.{new}.{name}"] = v
+    dup.load_state_dict(sd, strict=False)
+    dup.tie_weights()
+    dup.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(two(ids).logits, dup(ids).logits, atol=1e-4, rtol=1e-4)
+        ours = looplm.generate(two, ids, max_new_tokens=12, kv="per_loop", stop_tokens=[]).new_tokens[0]
+        theirs = dup.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=None)
+    assert ours == theirs[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("core,match", [((0, 31), "0 ≤ i < j ≤ 30"), ((5, 5), r"core=\(5, 5\)"), ((-1, 3), r"core=\(-1, 3\)")])
+def test_retrofit_bad_blocks(smollm2_dir, core, match):
+    with pytest.raises(ValueError, match=match):
+        looplm.load(smollm2_dir, core=core)

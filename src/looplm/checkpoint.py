@@ -7,6 +7,7 @@ names and shapes are checked against the config before anything is assigned.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -98,6 +99,27 @@ def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> LoopConf
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing required field {e.args[0]!r}") from None
+
+
+def with_loops(config: LoopConfig, *, core: tuple[int, int] | None = None,
+               num_loops: int | None = None) -> LoopConfig:
+    """The same layers re-partitioned: layers i..j-1 as the core (run num_loops times)."""
+    changes: dict[str, Any] = {}
+    if core is not None:
+        N = config.num_layers
+        try:
+            i, j = (int(v) for v in core)
+        except (TypeError, ValueError):
+            raise ValueError(f"core must be a pair (i, j) of layer indices, got {core!r}") from None
+        if not 0 <= i < j <= N:
+            raise ValueError(f"core=({i}, {j}) is not a block of this model's {N} layers (need 0 ≤ i < j ≤ {N})")
+        changes.update(num_prelude_layers=i, num_core_layers=j - i, num_coda_layers=N - j)
+        changes["source"] = {**config.source, "core": [i, j]}
+    if num_loops is not None:
+        if not isinstance(num_loops, int) or num_loops < 1:
+            raise ValueError(f"num_loops must be an integer ≥ 1, got {num_loops!r}")
+        changes["num_loops"] = num_loops
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def read_config(path: Path) -> tuple[LoopConfig, str]:
@@ -195,24 +217,27 @@ def build(config: LoopConfig, tensors: dict[str, torch.Tensor], *, where: str,
 # --------------------------------------------------------------------------- public: load / save
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-         device: torch.device | str = "cpu") -> LoopedLM:
+def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_loops: int | None = None,
+         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoopedLM:
     """Load an Ouro checkpoint dir, a looplm dir, an HF Llama/Qwen2/Mistral dir, or a .gguf file.
 
+    core=(i, j): layers i..j-1 become the looped core, the layers before it the prelude and after it
+    the coda (the weights are held once; nothing is copied). num_loops: the default loop count R.
     GGUF goes through transformers' dequantizing loader (slow; convert once with `convert_gguf`).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return _load_gguf(path, dtype=dtype, device=device)
-        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
-    ggufs = sorted(path.glob("*.gguf"))
-    if not (path / "config.json").exists() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype=dtype, device=device)
+    if path.is_file() or (not (path / "config.json").exists() and len(list(path.glob("*.gguf"))) == 1):
+        gguf = path if path.is_file() else next(path.glob("*.gguf"))
+        if gguf.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = convert_gguf(gguf, Path(tmp) / "model")
+            return load(out, core=core, num_loops=num_loops, dtype=dtype, device=device)
     config, model_type = read_config(path)
     config.source = {**config.source, "path": str(path)} if model_type != "looplm" else config.source
+    config = with_loops(config, core=core, num_loops=num_loops)
     model = build(config, _to_looplm_names(read_safetensors(path)), where=str(path), dtype=dtype, device=device)
     model.name_or_path = str(path)
     return model
@@ -292,12 +317,6 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     _write_dir_atomically(out_dir, write)
     return out_dir
-
-
-def _load_gguf(gguf_file: Path, *, dtype: torch.dtype, device: torch.device | str) -> LoopedLM:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = convert_gguf(gguf_file, Path(tmp) / "model")
-        return load(out, dtype=dtype, device=device)
 
 
 def cache_dir() -> Path:
