@@ -26,7 +26,6 @@ import json
 import platform
 import statistics
 import subprocess
-import time
 
 import torch
 

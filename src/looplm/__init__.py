@@ -1,11 +1,24 @@
-"""looplm: looped language models with per-request compute and memory budgets."""
-from .cache import KVCache
-from .config import LoopConfig
-from .model import LoopedLM, LoopOutput, exit_distribution
-from .checkpoint import CheckpointError, default_model_dir, load, load_tokenizer, save
-from .engine import GenerateResult, Generation, generate, sample, stream
-from .hf import LoopLMConfig, LoopLMForCausalLM, register as _register_with_transformers
+"""looplm: looped language models with per-request compute and memory budgets.
 
-_register_with_transformers()
+    model = looplm.load(path)                       # Ouro, looplm, or HF Llama-family dir (core=(i, j) to loop a block)
+    out = model(input_ids, num_loops=4, return_loops=True)
+    res = looplm.generate(model, prompts, max_new_tokens=64, exit="q:0.6", kv="last")
+"""
+
+from .cache import KVCache
 from .calibrate import Calibration, calibrate
+from .checkpoint import CheckpointError, default_model_dir, load, load_tokenizer, save
+from .config import LoopConfig
+from .engine import GenerateResult, Generation, generate, sample, stream
 from .exits import ExitPolicy, parse_exit
+from .hf import LoopLMConfig, LoopLMForCausalLM
+from .hf import register as _register_with_transformers
+from .model import LoopedLM, LoopOutput, exit_distribution
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(looplm_dir) after `import looplm`
+
+__all__ = [
+    "Calibration", "CheckpointError", "ExitPolicy", "GenerateResult", "Generation", "KVCache", "LoopConfig",
+    "LoopLMConfig", "LoopLMForCausalLM", "LoopOutput", "LoopedLM", "calibrate", "default_model_dir",
+    "exit_distribution", "generate", "load", "load_tokenizer", "parse_exit", "sample", "save", "stream",
+]

@@ -43,18 +43,13 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
 ) -> None:
     """Generate text from a looped (or ordinary) model with a fixed loop count and a KV strategy."""
-    import torch
 
     import looplm
 
-    if dtype not in DTYPES:
-        _fail(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     prompts = prompt or [DEFAULT_PROMPT]
     try:
         t0 = time.perf_counter()
-        path = model or str(looplm.default_model_dir())
-        net = looplm.load(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
-        tok = looplm.load_tokenizer(path if not path.endswith(".gguf") else net.name_or_path)
+        path, net, tok = _load(model, dtype, device)
         load_seconds = time.perf_counter() - t0
         use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
         if use_chat and not getattr(tok, "chat_template", None):
@@ -125,18 +120,13 @@ def calibrate(
     import dataclasses
     from pathlib import Path
 
-    import torch
 
     import looplm
 
-    if dtype not in DTYPES:
-        _fail(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if not Path(text).is_file():
         _fail(f"calibration text {text!r} does not exist")
     try:
-        path = model or str(looplm.default_model_dir())
-        net = looplm.load(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
-        tok = looplm.load_tokenizer(path)
+        _, net, tok = _load(model, dtype, device)
         cal = looplm.calibrate(net, [Path(text).read_text()], policy=policy, target_mean_loops=target_mean_loops,
                                max_quality_loss=max_quality_loss, num_loops=loops, tokenizer=tok, seq_len=seq_len,
                                max_tokens=max_tokens, min_loops=min_loops, progress=True)
@@ -152,6 +142,19 @@ def calibrate(
     print(f"NLL         {cal.nll:.4f} at the exits vs {cal.nll_full_depth:.4f} at full depth "
           f"({cal.nll - cal.nll_full_depth:+.4f} nats/token)")
     print("static      " + "  ".join(f"R={r}: {n:.4f}" for r, n in enumerate(cal.nll_static, start=1)))
+
+
+def _load(model: str | None, dtype: str, device: str):
+    """(path, model, tokenizer) for --model (default: SmolLM2-135M-Instruct); ValueError on bad input."""
+    import torch
+
+    import looplm
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    path = model or str(looplm.default_model_dir())
+    net = looplm.load(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
+    return path, net, looplm.load_tokenizer(path)
 
 
 def _loops_histogram(loops_per_token, num_loops: int) -> dict[str, int]:

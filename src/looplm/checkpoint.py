@@ -343,10 +343,12 @@ def default_model_dir(*, root: Path | None = None) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The HF tokenizer stored in a model dir."""
+    """The HF tokenizer stored in a model dir (or in a .gguf file)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     return AutoTokenizer.from_pretrained(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -81,67 +82,52 @@ class Static(ExitPolicy):
 
 
 @dataclass
-class QExit(ExitPolicy):
-    q: float
-    needs = frozenset({"gate"})
+class Threshold(ExitPolicy):
+    """Exit when a per-token statistic crosses `value`: below it, or at least it (`at_least`)."""
+
+    value: float
+    name: ClassVar[str] = ""
+    stat: ClassVar[str] = ""
+    at_least: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not 0.0 <= self.q <= 1.0:
-            raise ValueError(f"q:{self.q}: the Q-exit threshold must be in [0, 1]")
+        if not self.value > 0:
+            raise ValueError(f"{self.name}:{self.value}: the threshold must be > 0")
 
-    def fires(self, stats):
-        return stats.cdf >= self.q
+    def fires(self, stats: LoopStats) -> torch.Tensor:
+        s = getattr(stats, self.stat)
+        return s >= self.value if self.at_least else s < self.value
 
-    def __str__(self):
-        return f"q:{self.q:g}"
-
-
-@dataclass
-class Convergence(ExitPolicy):
-    tol: float
-    needs = frozenset({"hidden"})
-
-    def __post_init__(self):
-        if not self.tol > 0:
-            raise ValueError(f"conv:{self.tol}: the tolerance must be > 0")
-
-    def fires(self, stats):
-        return stats.rel_change < self.tol
-
-    def __str__(self):
-        return f"conv:{self.tol:g}"
+    def __str__(self) -> str:
+        return f"{self.name}:{self.value:g}"
 
 
-@dataclass
-class KLAgreement(ExitPolicy):
-    tol: float
-    needs = frozenset({"logits"})
+class QExit(Threshold):
+    """Ouro's Q-exit: the first loop whose exit CDF reaches q."""
+
+    name, stat, at_least, needs = "q", "cdf", True, frozenset({"gate"})
 
     def __post_init__(self):
-        if not self.tol > 0:
-            raise ValueError(f"kl:{self.tol}: the tolerance must be > 0")
-
-    def fires(self, stats):
-        return stats.kl < self.tol
-
-    def __str__(self):
-        return f"kl:{self.tol:g}"
+        if not 0.0 <= self.value <= 1.0:
+            raise ValueError(f"q:{self.value}: the Q-exit threshold must be in [0, 1]")
 
 
-@dataclass
-class Entropy(ExitPolicy):
-    threshold: float
-    needs = frozenset({"logits"})
+class Convergence(Threshold):
+    """Fixed point: the hidden state's relative change is below the tolerance."""
 
-    def __post_init__(self):
-        if not self.threshold > 0:
-            raise ValueError(f"entropy:{self.threshold}: the threshold must be > 0 (nats)")
+    name, stat, needs = "conv", "rel_change", frozenset({"hidden"})
 
-    def fires(self, stats):
-        return stats.entropy < self.threshold
 
-    def __str__(self):
-        return f"entropy:{self.threshold:g}"
+class KLAgreement(Threshold):
+    """Successive loops agree: KL(p_r ‖ p_{r−1}) below the tolerance."""
+
+    name, stat, needs = "kl", "kl", frozenset({"logits"})
+
+
+class Entropy(Threshold):
+    """Confident: the next-token entropy (nats) is below the threshold."""
+
+    name, stat, needs = "entropy", "entropy", frozenset({"logits"})
 
 
 @dataclass
