@@ -159,3 +159,13 @@ def test_unsupported_architecture_details(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
     with pytest.raises(looplm.CheckpointError, match="hidden_act='gelu'"):
         looplm.load(path)
+
+
+def test_automodel_forward_takes_an_exit_policy(tmp_path):
+    model = tiny_model(exit_gate=True)
+    looplm.save(model, tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS % 61, exit="q:0.5").logits, model(IDS % 61, exit="q:0.5").logits)
+        out = hf.generate(IDS % 61, max_new_tokens=3, do_sample=False, exit="q:0.5")
+    assert out.shape == (2, 13)

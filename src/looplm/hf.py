@@ -2,7 +2,7 @@
 
 The wrapper holds a `LoopedLM` as `self.model`, so a looplm dir's tensor names (`model.*`, written by
 `looplm.save`) are this class's own. HF `generate()` runs at static depth (`config.num_loops`, or
-`num_loops=` passed to generate) without a KV cache: every step re-reads the whole sequence, which is
+`num_loops=` passed to generate; `exit=` applies a policy as a full forward does) without a KV cache: every step re-reads the whole sequence, which is
 exact but quadratic. For fast generation, per-request loops and loop-aware caches use `looplm.generate`.
 """
 
@@ -74,19 +74,22 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # no HF cache: see the module docstring
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, num_loops=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_loops": num_loops}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, num_loops=None, exit=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_loops": num_loops, "exit": exit}
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         num_loops: int | None = None,
+        exit: str | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        out = self.model(input_ids, attention_mask=attention_mask, num_loops=num_loops, logits_to_keep=logits_to_keep)
+        """HF-style forward; `num_loops` and `exit` (an exit policy string) are looplm's budgets."""
+        out = self.model(input_ids, attention_mask=attention_mask, num_loops=num_loops, exit=exit,
+                         logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
