@@ -108,3 +108,21 @@ def test_bad_prompts():
         looplm.generate(tiny_model(), [[1, 2], []])
     with pytest.raises(ValueError, match=r"\[0, 61\)"):
         looplm.generate(tiny_model(), [[1, 2, 99]])
+
+
+def test_scoring_through_the_cache_equals_one_forward():
+    """Teacher-forced decoding (per_loop, static) gives the log-likelihood of a cache-free forward."""
+    model = tiny_model()
+    contexts, conts = [[1, 2, 3, 4], [5, 6]], [[7, 8, 9], [10]]
+    fast = looplm.score(model, contexts, conts)
+    gen = looplm.engine.Generation(model, contexts, force=conts, stop_tokens=[]).result()
+    for i, k in enumerate((3, 1)):
+        torch.testing.assert_close(torch.tensor(fast.logprobs[i]), gen.logprobs[i, :k], atol=1e-5, rtol=1e-5)
+        assert gen.new_tokens[i] == conts[i]
+    with torch.no_grad():  # by hand for row 0
+        logp = torch.log_softmax(model(torch.tensor([contexts[0] + conts[0]])).logits[0], -1)
+    expected = [logp[3 + j, conts[0][j]].item() for j in range(3)]
+    assert fast.logprobs[0] == pytest.approx(expected, abs=1e-5)
+    shared = looplm.score(model, contexts, conts, kv="last")  # the strategy acts on the continuation
+    assert shared.logprobs[1] == pytest.approx(fast.logprobs[1], abs=1e-5)  # 1 token: prefill only
+    assert shared.logprobs[0][1:] != pytest.approx(fast.logprobs[0][1:], abs=1e-5)

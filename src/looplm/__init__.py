@@ -9,7 +9,7 @@ from .cache import KVCache
 from .calibrate import Calibration, calibrate
 from .checkpoint import CheckpointError, default_model_dir, load, load_tokenizer, save
 from .config import LoopConfig
-from .engine import GenerateResult, Generation, generate, sample, stream
+from .engine import GenerateResult, Generation, ScoreResult, generate, sample, score, stream
 from .exits import ExitPolicy, parse_exit
 from .hf import LoopLMConfig, LoopLMForCausalLM
 from .hf import register as _register_with_transformers
@@ -19,6 +19,6 @@ _register_with_transformers()  # AutoModelForCausalLM.from_pretrained(looplm_dir
 
 __all__ = [
     "Calibration", "CheckpointError", "ExitPolicy", "GenerateResult", "Generation", "KVCache", "LoopConfig",
-    "LoopLMConfig", "LoopLMForCausalLM", "LoopOutput", "LoopedLM", "calibrate", "default_model_dir",
-    "exit_distribution", "generate", "load", "load_tokenizer", "parse_exit", "sample", "save", "stream",
+    "LoopLMConfig", "LoopLMForCausalLM", "LoopOutput", "LoopedLM", "ScoreResult", "calibrate", "default_model_dir",
+    "exit_distribution", "generate", "load", "load_tokenizer", "parse_exit", "sample", "save", "score", "stream",
 ]

@@ -74,6 +74,8 @@ class Step:
     tokens: torch.Tensor  # (B,) sampled tokens (pad for rows already finished)
     active: torch.Tensor  # (B,) bool: the row produced this token (it was not finished before)
     loops: torch.Tensor  # (B,) loops the token ran (0 for finished rows)
+    logprobs: torch.Tensor  # (B,) log p(token) under the model (before temperature; 0 for finished rows)
+    greedy: torch.Tensor  # (B,) bool: the token is the argmax
 
 
 @dataclass
@@ -81,6 +83,8 @@ class GenerateResult:
     sequences: torch.Tensor  # (B, S + N): the left-padded prompts then the new tokens (pad after a stop)
     new_tokens: list[list[int]]  # per row, the generated tokens up to and including a stop token
     loops_per_token: torch.Tensor  # (B, N) loops each new token ran; 0 after the row stopped
+    logprobs: torch.Tensor  # (B, N) log p of each new token (model distribution, before temperature)
+    greedy: torch.Tensor  # (B, N) bool: the token was the argmax
     finish_reasons: list[str]  # "stop" or "length"
     kv_strategy: str
     kv_bytes: int  # bytes of KV held at the end (all rows, all stored positions)
@@ -140,7 +144,10 @@ class Generation:
         seed: int | Sequence[int] | None = None,
         stop_tokens: Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        force: Sequence[Sequence[int]] | None = None,
     ):
+        """force: per row, the tokens to emit instead of sampling (teacher forcing, for scoring); a
+        row finishes after its forced tokens."""
         self.model = model
         cfg = model.config
         self.num_loops, self.policy = model.resolve_budget(num_loops, exit)
@@ -167,6 +174,15 @@ class Generation:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
         B, S = ids.shape
+        self.force = None
+        if force is not None:
+            if len(force) != B or any(len(f) == 0 for f in force):
+                raise ValueError(f"force needs one non-empty token list per prompt ({B}), got {len(force)}")
+            max_new_tokens = max(len(f) for f in force)
+            self.force = torch.full((B, max_new_tokens), -1, dtype=torch.long)
+            for i, f in enumerate(force):
+                self.force[i, : len(f)] = torch.as_tensor(list(f), dtype=torch.long)
+            self.force = self.force.to(model.device)
         limit = cfg.max_position_embeddings
         if S > limit:
             raise ValueError(f"prompt of {S} tokens exceeds the position limit max_position_embeddings={limit}")
@@ -219,12 +235,20 @@ class Generation:
         for index in range(self.max_new_tokens):
             if tokens is not None:
                 logits, loops = self._decode_step(tokens, ~finished)
-            tokens = sample(logits, generators=self.generators, **self.sampling)
             active = ~finished
+            if self.force is None:
+                tokens = sample(logits, generators=self.generators, **self.sampling)
+                stops = torch.isin(tokens, self.stop)
+            else:
+                tokens = self.force[:, index].clamp(min=0)
+                stops = (self.force[:, index + 1 :] < 0).all(1) if index + 1 < self.max_new_tokens else active
             tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad))
-            step = Step(index, tokens, active, torch.where(active, loops, 0))
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+            greedy = logits.argmax(-1) == tokens
+            step = Step(index, tokens, active, torch.where(active, loops, 0), torch.where(active, logp, 0.0),
+                        greedy & active)
             self.steps.append(step)
-            finished = finished | (active & torch.isin(tokens, self.stop))
+            finished = finished | (active & stops)
             # the time a consumer spends between steps is not ours
             self.decode_seconds += _clock(dev) - t0
             yield step
@@ -290,6 +314,8 @@ class Generation:
         tokens = torch.stack([s.tokens for s in self.steps], dim=1)  # (B, N)
         active = torch.stack([s.active for s in self.steps], dim=1)
         loops = torch.stack([s.loops for s in self.steps], dim=1)
+        logprobs = torch.stack([s.logprobs for s in self.steps], dim=1)
+        greedy = torch.stack([s.greedy for s in self.steps], dim=1)
         new_tokens, reasons = [], []
         stop = set(self.stop.tolist())
         for row, act in zip(tokens.tolist(), active.tolist()):
@@ -300,6 +326,8 @@ class Generation:
             sequences=torch.cat([self.ids, tokens], dim=1),
             new_tokens=new_tokens,
             loops_per_token=loops,
+            logprobs=logprobs,
+            greedy=greedy,
             finish_reasons=reasons,
             kv_strategy=self.kv,
             kv_bytes=self.cache.kv_bytes,
@@ -321,3 +349,66 @@ def generate(model: LoopedLM, input_ids: torch.Tensor | Sequence[Sequence[int]],
 def stream(model: LoopedLM, input_ids: torch.Tensor | Sequence[Sequence[int]], **kwargs) -> Generation:
     """A `Generation` to iterate step by step (each `Step` holds one new token per row)."""
     return Generation(model, input_ids, **kwargs)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreResult:
+    logprobs: list[list[float]]  # per row, log p of each continuation token
+    greedy: list[bool]  # every continuation token was the argmax
+    loops: list[list[int]]  # per row, loops each continuation token's prediction ran
+
+    @property
+    def totals(self) -> list[float]:
+        return [sum(lp) for lp in self.logprobs]
+
+
+@torch.inference_mode()
+def score(model: LoopedLM, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+          num_loops: int | None = None, exit: str | ExitPolicy | None = None, kv: str = "per_loop") -> ScoreResult:
+    """log p(continuation | context) for each row, computed as decoding computes it.
+
+    Each continuation token is fed through the KV cache after the context's prefill, so the KV
+    strategy and per-token exits act exactly as in generation. At static depth with `per_loop`
+    (which equals a cache-free forward) it takes one forward over context + continuation instead.
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    R, policy = model.resolve_budget(num_loops, exit)
+    check_strategy(kv)
+    if policy is None and kv == "per_loop":
+        return _score_forward(model, contexts, continuations, R)
+    res = Generation(model, contexts, num_loops=num_loops, exit=exit, kv=kv, force=continuations,
+                     stop_tokens=[]).result()
+    n = [len(c) for c in continuations]
+    return ScoreResult(
+        logprobs=[row[:k] for row, k in zip(res.logprobs.tolist(), n)],
+        greedy=[bool(row[:k].all()) for row, k in zip(res.greedy, n)],
+        loops=[row[:k] for row, k in zip(res.loops_per_token.tolist(), n)],
+    )
+
+
+def _score_forward(model: LoopedLM, contexts, continuations, R: int) -> ScoreResult:
+    seqs = [list(c) + list(t) for c, t in zip(contexts, continuations)]
+    if any(len(c) == 0 for c in contexts) or any(len(t) == 0 for t in continuations):
+        raise ValueError("contexts and continuations need at least one token each")
+    ids, mask = left_pad(seqs, 0)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] > limit:
+        raise ValueError(f"context + continuation of {ids.shape[1]} tokens exceeds max_position_embeddings={limit}")
+    logits = model(ids, attention_mask=mask, num_loops=R).logits  # (B, S, V)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    out = ScoreResult([], [], [])
+    S = ids.shape[1]
+    for i, t in enumerate(continuations):
+        k = len(t)
+        pos = torch.arange(S - 1 - k, S - 1, device=ids.device)  # predictions of the last k tokens
+        target = ids[i, S - k :]
+        row = logp[i, pos]
+        out.logprobs.append(row.gather(-1, target[:, None])[:, 0].tolist())
+        out.greedy.append(bool((row.argmax(-1) == target).all()))
+        out.loops.append([R] * k)
+    return out
