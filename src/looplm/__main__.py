@@ -9,6 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from looplm.cache import check_strategy
+from looplm.exits import parse_exit
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped language models: compute and memory budgets per request.")
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -144,7 +147,94 @@ def calibrate(
     print("static      " + "  ".join(f"R={r}: {n:.4f}" for r, n in enumerate(cal.nll_static, start=1)))
 
 
-def _load(model: str | None, dtype: str, device: str):
+eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_run(
+    ctx: typer.Context,
+    task: Annotated[Optional[str], typer.Option(help="arc-easy | arc-challenge | mmlu[:subject] | gsm8k | bbh[:task] | tinystories | shakespeare | text:PATH | mc:PATH | gen:PATH | refusal.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model dir; default SmolLM2-135M-Instruct.")] = None,
+    loops: Annotated[Optional[str], typer.Option(help="Loop counts to sweep, e.g. 1,2,4,8 (static runs; the largest caps --exit).")] = None,
+    exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policies to sweep, e.g. q:0.3,q:0.6,conv:0.02 (min=/max= bind to the policy before).")] = None,
+    kv: Annotated[str, typer.Option(help="KV strategies to sweep, e.g. per_loop,last.")] = "per_loop",
+    core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model: I:J.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N items.")] = None,
+    shots: Annotated[int, typer.Option(help="Few-shot examples per prompt.")] = 0,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Chat template (default: on for generation tasks when the model has one).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Benchmark files in the layout of shared/data (default: ../shared/data).")] = None,
+    out: Annotated[str, typer.Option(help="Output dir for run JSONs, the report and plots.")] = "out/eval",
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for few-shot sampling and bootstrap.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+) -> None:
+    """Evaluate a task over a sweep of loops × exit policies × KV strategies; resumes interrupted sweeps."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pathlib import Path
+
+    from looplm.evaluation import report, runner, tasks
+
+    if task is None:
+        _fail("--task is required (or use `looplm eval compare A.json B.json`)")
+    try:
+        loop_list = [int(x) for x in loops.split(",")] if loops else [None]
+    except ValueError:
+        _fail(f"--loops {loops!r} must be comma-separated integers")
+    try:
+        kvs = [k.strip() for k in kv.split(",") if k.strip()]
+        for k in kvs:
+            check_strategy(k)
+        exits = runner.split_policies(exit)
+        for e in exits:
+            parse_exit(e)
+        block = tuple(int(x) for x in core.split(":")) if core else None
+        path, net, tok = _load(model, dtype, device, core=block, num_loops=max((x for x in loop_list if x), default=None))
+        if task == "refusal":
+            from looplm.evaluation import refusal
+
+            refusal.main(net, tok, data_dir=data_dir, loops=loop_list, kvs=kvs, limit=limit, out=Path(out), seed=seed)
+            return
+        the_task = tasks.load_task(task, data_dir=data_dir, shots=shots, limit=limit, seed=seed)
+        use_chat = (the_task.kind == "gen" and bool(getattr(tok, "chat_template", None))) if chat is None else chat
+        configs = runner.sweep_configs(path, task, loops=loop_list, exits=exits, kvs=kvs, shots=shots, limit=limit,
+                                       chat=use_chat, seed=seed)
+        out_dir = Path(out) / task.replace(":", "_").replace("/", "_")
+        paths = runner.run_sweep(net, tok, the_task, configs, out_dir, batch_size=batch_size)
+    except ValueError as e:
+        _fail(str(e))
+    rep = report.write_report(paths, out_dir)
+    print(report.table([report.load_run(p) for p in paths]))
+    print(f"runs: {', '.join(str(p) for p in paths)}\nreport: {rep}")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    a: Annotated[str, typer.Argument(help="Run JSON A (the baseline).")],
+    b: Annotated[str, typer.Argument(help="Run JSON B.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Is B different from A? Paired bootstrap over the items both scored."""
+    from looplm.evaluation import report
+
+    try:
+        res = report.compare(a, b)
+    except ValueError as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps(res))
+        return
+    d = res["difference_b_minus_a"]
+    print(f"{res['task']} ({res['metric']}, {d['n']} paired items)")
+    print(f"  A {res['a']['label']}: {res['a']['mean']:.4f}  (mean loops {res['a']['mean_loops']:.2f})")
+    print(f"  B {res['b']['label']}: {res['b']['mean']:.4f}  (mean loops {res['b']['mean_loops']:.2f})")
+    verdict = "significant" if d["significant"] else "not significant"
+    print(f"  B − A = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p_value']:.3f}: {verdict}")
+
+
+def _load(model: str | None, dtype: str, device: str, *, core=None, num_loops=None):
     """(path, model, tokenizer) for --model (default: SmolLM2-135M-Instruct); ValueError on bad input."""
     import torch
 
@@ -153,7 +243,7 @@ def _load(model: str | None, dtype: str, device: str):
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     path = model or str(looplm.default_model_dir())
-    net = looplm.load(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
+    net = looplm.load(path, core=core, num_loops=num_loops, dtype=getattr(torch, DTYPES[dtype]), device=device)
     return path, net, looplm.load_tokenizer(path)
 
 

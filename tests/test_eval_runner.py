@@ -1,0 +1,159 @@
+"""Evaluation runs: scoring picks what an independent computation picks, resume, intervals, reports."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import byte_tokenizer, tiny_model
+from looplm.__main__ import app
+from looplm.evaluation import report, runner
+from looplm.evaluation.tasks import Item, Task
+
+TOK = byte_tokenizer()
+
+
+def model():
+    return tiny_model(vocab_size=257, max_position_embeddings=256, exit_gate=True)
+
+
+def mc_task(n=6):
+    items = [Item(id=f"q{i}", prompt=f"Question {i}: which?\nAnswer:", choices=[" red", " green", " blue", " no"],
+                  answer=i % 4) for i in range(n)]
+    return Task(name="toy-mc", kind="mc", items=items)
+
+
+def loglik_by_hand(m, prompt, choice):
+    ctx = TOK(prompt)["input_ids"]
+    whole = TOK(prompt + choice)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.tensor([whole])).logits[0], -1)
+    return sum(logp[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
+
+
+def test_multiple_choice_picks_the_highest_log_likelihood():
+    m = model()
+    task = mc_task()
+    run = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-mc", loops=3), progress=False)
+    for item, row in zip(task.items, run["items"]):
+        lls = [loglik_by_hand(m, item.prompt, c) for c in item.choices]
+        assert row["loglik"] == pytest.approx(lls, abs=1e-4)
+        assert row["pred"] == max(range(4), key=lls.__getitem__)
+        norm = [ll / len(c.encode()) for ll, c in zip(lls, item.choices)]
+        assert row["pred_norm"] == max(range(4), key=norm.__getitem__)
+    acc = sum(r["pred"] == it.answer for r, it in zip(run["items"], task.items)) / len(task.items)
+    assert run["metrics"]["accuracy"] == pytest.approx(acc)
+    assert run["mean_loops"] == 3 and run["max_loops"] == 3
+
+
+def test_exit_policy_and_kv_strategy_reach_the_scores():
+    m = model()
+    task = mc_task(4)
+    static = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-mc", loops=4), progress=False)
+    early = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-mc", loops=4, exit="q:0.3"), progress=False)
+    shared = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-mc", loops=4, kv="last"), progress=False)
+    assert early["mean_loops"] < 4 == static["mean_loops"]
+    assert early["items"][0]["loglik"] != static["items"][0]["loglik"]
+    assert shared["kv_bytes_per_token"] < static["kv_bytes_per_token"]
+
+
+def test_interrupted_run_resumes_to_the_same_json(tmp_path):
+    m = model()
+    task = mc_task(7)
+    cfg = runner.RunConfig("toy", "toy-mc", loops=2, kv="mean")
+    full = runner.evaluate(m, TOK, task, cfg, cache_path=tmp_path / "a.jsonl", batch_size=2, progress=False)
+
+    def crash(n):
+        if n == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(m, TOK, task, cfg, cache_path=tmp_path / "b.jsonl", batch_size=2, progress=False, on_batch=crash)
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4  # two batches landed
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"id": "q4", "trunc')  # a write torn by the crash
+    resumed = runner.evaluate(m, TOK, task, cfg, cache_path=tmp_path / "b.jsonl", batch_size=2, progress=False)
+    timing = ("wall_seconds", "seconds_per_item")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
+
+
+def test_generation_task_scores_extracted_answers():
+    m = model()
+    items = [Item(id="g0", prompt="2+2=", answer="4"), Item(id="g1", prompt="1+1=", answer="2")]
+
+    class Exact(Task):
+        def extract(self, completion):
+            return completion.strip()
+
+        def is_correct(self, item, completion):
+            return self.extract(completion) == item.answer
+
+    task = Exact(name="toy-gen", kind="gen", items=items, stop=["\n"], max_new_tokens=5)
+    run = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-gen", loops=2), progress=False)
+    for row in run["items"]:
+        assert "\n" not in row["completion"] and row["correct"] == float(row["completion"].strip() == row["answer"])
+        assert 1 <= row["tokens"] <= 5 and row["loops"] == 2
+
+
+def test_perplexity_matches_a_forward_by_hand():
+    m = model()
+    text = "the cat sat on the mat. " * 3
+    task = Task(name="toy-ppl", kind="ppl", items=[Item(id="d0", prompt=text)])
+    run = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-ppl", loops=3), progress=False)
+    ids = TOK(text)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.tensor([ids]), num_loops=3).logits[0], -1)
+    nll = -sum(logp[p - 1, ids[p]].item() for p in range(1, len(ids)))
+    assert run["items"][0]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert run["metrics"]["perplexity"] == pytest.approx(torch.tensor(nll / (len(ids) - 1)).exp().item(), rel=1e-4)
+
+
+def test_bootstrap_interval_covers_the_truth():
+    covered = 0
+    for seed in range(100):
+        g = torch.Generator().manual_seed(1000 + seed)
+        x = (torch.rand(300, generator=g) < 0.7).float().tolist()
+        lo, hi = runner.bootstrap_ci(x, seed=seed, resamples=1000)
+        covered += lo <= 0.7 <= hi
+    assert 88 <= covered <= 100  # nominal 95%
+
+
+def test_paired_difference_finds_real_effects_only():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(400, generator=g) < 0.5).float()
+    better = torch.where(torch.rand(400, generator=g) < 0.3, torch.ones(400), a)
+    assert runner.paired_difference(a.tolist(), better.tolist())["significant"]
+    same = runner.paired_difference(a.tolist(), a.flip(0).tolist())
+    assert not same["significant"] and same["p_value"] > 0.05
+
+
+def test_too_long_prompts_are_refused():
+    m = tiny_model(vocab_size=257, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="q0.*max_position_embeddings=16"):
+        runner.evaluate(m, TOK, mc_task(1), runner.RunConfig("toy", "toy-mc"), progress=False)
+
+
+def test_split_policies_and_sweep():
+    assert runner.split_policies("q:0.3,q:0.6,min=2,conv:0.02") == ["q:0.3", "q:0.6,min=2", "conv:0.02"]
+    cfgs = runner.sweep_configs("m", "t", loops=[1, 2, 4], exits=["q:0.5"], kvs=["per_loop", "last"])
+    assert [(c.loops, c.exit, c.kv) for c in cfgs] == [
+        (1, None, "per_loop"), (2, None, "per_loop"), (4, None, "per_loop"), (4, "q:0.5", "per_loop"),
+        (1, None, "last"), (2, None, "last"), (4, None, "last"), (4, "q:0.5", "last")]
+
+
+def test_report_and_compare(tmp_path):
+    m = model()
+    task = mc_task(8)
+    cfgs = runner.sweep_configs("toy", "toy-mc", loops=[1, 3], exits=["q:0.5"], kvs=["per_loop", "last"])
+    paths = runner.run_sweep(m, TOK, task, cfgs, tmp_path, progress=False)
+    rep = report.write_report(paths, tmp_path)
+    text = rep.read_text()
+    assert text.count("| toy-mc |") == len(cfgs)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"metric_vs_loops.png", "frontier.png", "by_kv.png"}
+    res = CliRunner().invoke(app, ["eval", "compare", str(paths[0]), str(paths[1]), "--json"])
+    assert res.exit_code == 0, res.output
+    cmp = json.loads(res.stdout)
+    assert cmp["difference_b_minus_a"]["n"] == 8
+    bad = CliRunner().invoke(app, ["eval", "compare", str(paths[0]), str(tmp_path / "nope.json")])
+    assert bad.exit_code == 2 and "nope.json" in bad.output
