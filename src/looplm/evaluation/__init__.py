@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks read from local files (`looplm.evaluation.tasks`)."""
