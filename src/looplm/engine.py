@@ -399,15 +399,16 @@ def _score_forward(model: LoopedLM, contexts, continuations, R: int) -> ScoreRes
     limit = model.config.max_position_embeddings
     if ids.shape[1] > limit:
         raise ValueError(f"context + continuation of {ids.shape[1]} tokens exceeds max_position_embeddings={limit}")
-    logits = model(ids, attention_mask=mask, num_loops=R).logits  # (B, S, V)
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    K = max(len(t) for t in continuations)
+    # the head runs only where a continuation token is predicted: the last K + 1 positions
+    logits = model(ids, attention_mask=mask, num_loops=R, logits_to_keep=K + 1).logits  # (B, K + 1, V)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, K, V): predictions of the last K tokens
     out = ScoreResult([], [], [])
     S = ids.shape[1]
     for i, t in enumerate(continuations):
         k = len(t)
-        pos = torch.arange(S - 1 - k, S - 1, device=ids.device)  # predictions of the last k tokens
         target = ids[i, S - k :]
-        row = logp[i, pos]
+        row = logp[i, K - k :]
         out.logprobs.append(row.gather(-1, target[:, None])[:, 0].tolist())
         out.greedy.append(bool((row.argmax(-1) == target).all()))
         out.loops.append([R] * k)
