@@ -97,6 +97,18 @@ class KVCache:
         """Bytes allocated (the buffers for max_len positions)."""
         return self.k.nbytes + self.v.nbytes
 
+    def select_rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache holding rows `index` of this one (repeats allowed: one prefix, several continuations)."""
+        assert self._pending == 0, "select_rows() inside a forward"
+        new = object.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        index = index.to(self.k.device)
+        new.k, new.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        new.valid, new.depth = self.valid.index_select(0, index), self.depth.index_select(0, index)
+        new.num_valid = self.num_valid.index_select(0, index)
+        new.batch_size, new._held = len(index), {}
+        return new
+
     # ------------------------------------------------------------------ writes
 
     def slot(self, layer_idx: int, loop_idx: int) -> int:

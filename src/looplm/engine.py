@@ -391,24 +391,38 @@ def score(model: LoopedLM, contexts: Sequence[Sequence[int]], continuations: Seq
 
 
 def _score_forward(model: LoopedLM, contexts, continuations, R: int) -> ScoreResult:
-    seqs = [list(c) + list(t) for c, t in zip(contexts, continuations)]
+    """Static depth, per_loop: each distinct context is prefilled once into a cache, the cache rows are
+    repeated for the continuations sharing it, and every continuation runs as one chunk. Within a
+    forward every loop keeps its KV, so this equals a cache-free forward over context + continuation."""
     if any(len(c) == 0 for c in contexts) or any(len(t) == 0 for t in continuations):
         raise ValueError("contexts and continuations need at least one token each")
-    ids, mask = left_pad(seqs, 0)
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    limit = model.config.max_position_embeddings
-    if ids.shape[1] > limit:
-        raise ValueError(f"context + continuation of {ids.shape[1]} tokens exceeds max_position_embeddings={limit}")
+    groups: dict[tuple[int, ...], int] = {}
+    owner = [groups.setdefault(tuple(c), len(groups)) for c in contexts]  # row → its distinct context
+    ids, mask = left_pad([list(c) for c in groups], 0)
     K = max(len(t) for t in continuations)
-    # the head runs only where a continuation token is predicted: the last K + 1 positions
-    logits = model(ids, attention_mask=mask, num_loops=R, logits_to_keep=K + 1).logits  # (B, K + 1, V)
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, K, V): predictions of the last K tokens
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + K > limit:
+        raise ValueError(f"context + continuation of {ids.shape[1] + K} tokens exceeds max_position_embeddings={limit}")
+    cache = KVCache(model.config, batch_size=len(groups), max_len=ids.shape[1] + K, num_loops=R,
+                    strategy="per_loop", dtype=model.dtype, device=model.device)
+    first = model(ids.to(model.device), attention_mask=mask.to(model.device), num_loops=R, cache=cache,
+                  logits_to_keep=1).logits[:, -1]  # (U, V): predicts each continuation's first token
+    rows = torch.tensor(owner, device=model.device)
+    cont = torch.zeros(len(continuations), K, dtype=torch.long)
+    cmask = torch.zeros(len(continuations), K, dtype=torch.long)
+    for i, t in enumerate(continuations):  # right-padded: a pad comes after every token that is scored
+        cont[i, : len(t)] = torch.as_tensor(list(t))
+        cmask[i, : len(t)] = 1
+    cont, cmask = cont.to(model.device), cmask.to(model.device)
+    preds = first.index_select(0, rows)[:, None]  # (N, 1, V)
+    if K > 1:
+        rest = model(cont[:, :-1], attention_mask=cmask[:, :-1], num_loops=R, cache=cache.select_rows(rows)).logits
+        preds = torch.cat([preds, rest], dim=1)  # (N, K, V): prediction of continuation token j
+    logp = torch.log_softmax(preds.float(), -1)
     out = ScoreResult([], [], [])
-    S = ids.shape[1]
     for i, t in enumerate(continuations):
         k = len(t)
-        target = ids[i, S - k :]
-        row = logp[i, K - k :]
+        row, target = logp[i, :k], cont[i, :k]
         out.logprobs.append(row.gather(-1, target[:, None])[:, 0].tolist())
         out.greedy.append(bool((row.argmax(-1) == target).all()))
         out.loops.append([R] * k)
