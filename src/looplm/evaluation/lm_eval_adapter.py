@@ -18,7 +18,8 @@ model_args (comma-separated key=value, as lm-eval parses them):
     kv           per_loop | last | mean | first (KV-cache strategy; default per_loop)
     core         I:J: layers I..J-1 become the looped core (looplm.load(..., core=(I, J)))
     dtype        float32 | bfloat16 | float16 | auto (default float32; auto: bfloat16 on CUDA)
-    device       cpu | cuda | cuda:N (default cuda if available); --device on the CLI sets it too
+    device       cpu | cuda | cuda:N (default cuda if available). lm-eval's --device (CLI default cuda:0) also
+                 sets it; a CUDA device without CUDA falls back to cpu with a warning
     batch_size   rows per forward (default 8; "auto" is not supported and falls back to 8 or max_batch_size)
     max_length   the most tokens (context + continuation) one forward holds (default and cap: the model's
                  max_position_embeddings). Longer inputs lose tokens from the left.
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
@@ -66,7 +66,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 # lm-eval's get_model() imports its built-in backends only while the registry is empty: register them first,
 # so that registering "looplm" does not hide "hf", "vllm", ... from the same process.
-import lm_eval.models  # noqa: E402,F401
+import lm_eval.models  # noqa: F401
 
 
 def _register(cls):
@@ -103,6 +103,18 @@ def parse_core_arg(value: Any) -> tuple[int, int] | None:
     if not m:
         raise ValueError(f"core={value!r}: expected I:J (layers I..J-1 looped), e.g. core=2:6")
     return int(m.group(1)), int(m.group(2))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None → cuda if available else cpu. lm-eval's CLI passes --device (default cuda:0) to every model; as
+    its HF model does, a CUDA device on a machine without CUDA falls back to the CPU (with a warning)."""
+    if device is None or str(device).strip() == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("looplm: device %s requested but CUDA is not available; using cpu", device)
+        return torch.device("cpu")
+    return dev
 
 
 def parse_dtype_arg(value: Any, device: torch.device) -> torch.dtype:
@@ -206,7 +218,7 @@ class LoopLMEval(TemplateLM):
         super().__init__()
         if kwargs:
             log.warning("looplm: ignoring unknown model_args %s", sorted(kwargs))
-        self._device = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = resolve_device(device)
         self.kv = check_strategy(kv)
         self.exit = parse_exit_arg(exit)
         self.core = parse_core_arg(core)
@@ -385,7 +397,8 @@ class LoopLMEval(TemplateLM):
             yield batch
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text scored whole, in disjoint windows of max_length tokens (one context token each)."""
+        """Each text scored whole: disjoint windows of at most max_length tokens, every token predicted once
+        (the first from the prefix token), the last window with as much context as fits."""
         windows, owner = [], []
         for k, req in enumerate(requests):
             (string,) = req.args
@@ -484,6 +497,10 @@ def write_local_tasks(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     missing = [p for p in needed if not (data_dir / p).is_file()]
     if missing:
         log.warning("looplm: %s lacks %s; the tasks reading them will fail", data_dir, missing)
+    absent = [name for name in TASK_FILES if not (TASKS_DIR / name).is_file()]
+    if absent:
+        raise FileNotFoundError(f"task templates {absent} are missing from {TASKS_DIR} (the installed package "
+                                "lacks its package data; install from source or with the lm_eval_tasks files)")
     for name in TASK_FILES:
         src = TASKS_DIR / name
         if name.endswith(".yaml"):

