@@ -34,6 +34,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf; default SmolLM2-135M-Instruct.")] = None,
     loops: Annotated[Optional[int], typer.Option(help="Loops of the core per token (default: the model's); the cap with --exit.")] = None,
     exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy per token, e.g. q:0.6, conv:0.02, kl:1e-3, entropy:1.0, 'q:0.6|conv:0.02,min=2'.")] = None,
+    core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
     kv: Annotated[str, typer.Option(help="KV strategy: per_loop | last | mean | first.")] = "per_loop",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -52,7 +53,7 @@ def generate(
     prompts = prompt or [DEFAULT_PROMPT]
     try:
         t0 = time.perf_counter()
-        path, net, tok = _load(model, dtype, device)
+        path, net, tok = _load(model, dtype, device, core=_block(core))
         load_seconds = time.perf_counter() - t0
         use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
         if use_chat and not getattr(tok, "chat_template", None):
@@ -112,6 +113,8 @@ def calibrate(
     target_mean_loops: Annotated[Optional[float], typer.Option(help="Mean loops per token to hit.")] = None,
     max_quality_loss: Annotated[Optional[float], typer.Option(help="Allowed NLL increase (nats/token) over full depth.")] = None,
     loops: Annotated[Optional[int], typer.Option(help="Loops R (the cap).")] = None,
+    core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
+    skip_tokens: Annotated[int, typer.Option(help="Tokens of the text to skip first (calibrate on held-out text).")] = 0,
     min_loops: Annotated[int, typer.Option(help="Never exit before this loop.")] = 1,
     max_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
@@ -129,8 +132,9 @@ def calibrate(
     if not Path(text).is_file():
         _fail(f"calibration text {text!r} does not exist")
     try:
-        _, net, tok = _load(model, dtype, device)
-        cal = looplm.calibrate(net, [Path(text).read_text()], policy=policy, target_mean_loops=target_mean_loops,
+        _, net, tok = _load(model, dtype, device, core=_block(core))
+        ids = tok(Path(text).read_text())["input_ids"][skip_tokens:]
+        cal = looplm.calibrate(net, [ids], policy=policy, target_mean_loops=target_mean_loops,
                                max_quality_loss=max_quality_loss, num_loops=loops, tokenizer=tok, seq_len=seq_len,
                                max_tokens=max_tokens, min_loops=min_loops, progress=True)
     except ValueError as e:
@@ -190,8 +194,7 @@ def eval_run(
         exits = runner.split_policies(exit)
         for e in exits:
             parse_exit(e)
-        block = tuple(int(x) for x in core.split(":")) if core else None
-        path, net, tok = _load(model, dtype, device, core=block, num_loops=max((x for x in loop_list if x), default=None))
+        path, net, tok = _load(model, dtype, device, core=_block(core), num_loops=max((x for x in loop_list if x), default=None))
         if task == "refusal":
             from looplm.evaluation import refusal
 
@@ -232,6 +235,17 @@ def eval_compare(
     print(f"  B {res['b']['label']}: {res['b']['mean']:.4f}  (mean loops {res['b']['mean_loops']:.2f})")
     verdict = "significant" if d["significant"] else "not significant"
     print(f"  B − A = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p_value']:.3f}: {verdict}")
+
+
+def _block(core: str | None) -> tuple[int, int] | None:
+    """--core I:J → (I, J)."""
+    if core is None:
+        return None
+    try:
+        i, j = (int(x) for x in core.split(":"))
+    except ValueError:
+        raise ValueError(f"--core {core!r} must be I:J (two layer indices)") from None
+    return i, j
 
 
 def _load(model: str | None, dtype: str, device: str, *, core=None, num_loops=None):

@@ -278,6 +278,10 @@ def _write_dir_atomically(path: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (tmp, *tmp.iterdir()):  # mkdtemp makes a private dir: give it the usual permissions
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "d")
