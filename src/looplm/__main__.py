@@ -151,6 +151,50 @@ def calibrate(
     print("static      " + "  ".join(f"R={r}: {n:.4f}" for r, n in enumerate(cal.nll_static, start=1)))
 
 
+@app.command()
+def analyze(
+    model: Annotated[Optional[str], typer.Option(help="Model dir; default SmolLM2-135M-Instruct.")] = None,
+    core: Annotated[Optional[str], typer.Option(help="The looped block I:J (default: the model's core).")] = None,
+    compare: Annotated[Optional[list[str]], typer.Option(help="Other blocks I:J to diagnose alongside; repeatable.")] = None,
+    loops: Annotated[int, typer.Option(help="Loops to run.")] = 4,
+    text: Annotated[Optional[str], typer.Option(help="Text file (default: shared/data/text/tinystories_val.txt).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of text to use.")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    out: Annotated[str, typer.Option(help="Output dir for analysis.json and analysis.png.")] = "out/analyze",
+) -> None:
+    """Per loop and per layer: hidden-state change and cosine between loops (fixed point?), logit-lens entropy."""
+    import copy
+    from pathlib import Path
+
+    from looplm import analysis
+    from looplm.calibrate import chunk_tokens
+    from looplm.checkpoint import with_loops
+    from looplm.evaluation.tasks import default_data_dir
+
+    try:
+        path, net, tok = _load(model, "float32", "cpu", core=_block(core))
+        if text is None:
+            root = default_data_dir()
+            text = str(root / "text" / "tinystories_val.txt") if root else None
+        if text is None or not Path(text).is_file():
+            raise ValueError(f"text file {text!r} does not exist; pass --text")
+        seqs = chunk_tokens([Path(text).read_text()[: max_tokens * 8]], tokenizer=tok, seq_len=seq_len,
+                            max_tokens=max_tokens)
+        results = [analysis.diagnose(net, seqs, num_loops=loops)]
+        for other in compare or []:  # the same weights, another block looped
+            view = copy.copy(net)
+            view.config = with_loops(net.config, core=_block(other))
+            results.append(analysis.diagnose(view, seqs, num_loops=loops))
+    except ValueError as e:
+        _fail(str(e))
+    js, png = analysis.write(results, Path(out))
+    for d in results:
+        print(f"core {d.core[0]}:{d.core[1]} ({d.tokens} tokens)")
+        for r in range(d.loops):
+            print(f"  loop {r + 1}: change {d.rel_change[r]:.4f}  cosine {d.cosine[r]:.4f}  entropy {d.entropy[r]:.3f}")
+    print(f"wrote {js} and {png}")
+
+
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
 app.add_typer(eval_app, name="eval")
 
