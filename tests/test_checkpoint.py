@@ -169,3 +169,22 @@ def test_automodel_forward_takes_an_exit_policy(tmp_path):
         torch.testing.assert_close(hf(IDS % 61, exit="q:0.5").logits, model(IDS % 61, exit="q:0.5").logits)
         out = hf.generate(IDS % 61, max_new_tokens=3, do_sample=False, exit="q:0.5")
     assert out.shape == (2, 13)
+
+
+def test_cli_retrofit_saves_a_looplm_dir_recording_the_block(tmp_path):
+    from typer.testing import CliRunner
+
+    from looplm.__main__ import app
+
+    ref, path = hf_tiny("llama", tmp_path)
+    res = CliRunner().invoke(app, ["retrofit", "--model", str(path), "--core", "1:3", "--loops", "3",
+                                   "--save", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    model = looplm.load(tmp_path / "r")
+    cfg = model.config
+    assert (cfg.num_prelude_layers, cfg.num_core_layers, cfg.num_coda_layers, cfg.num_loops) == (1, 2, 0, 3)
+    assert cfg.source["core"] == [1, 3] and cfg.source["path"] == str(path)
+    with torch.no_grad():  # one loop is the original model
+        torch.testing.assert_close(model(IDS, num_loops=1).logits, ref(IDS).logits, atol=1e-4, rtol=1e-4)
+    bad = CliRunner().invoke(app, ["retrofit", "--model", str(path), "--core", "2:9", "--save", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "core=(2, 9)" in bad.output

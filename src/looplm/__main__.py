@@ -152,6 +152,27 @@ def calibrate(
 
 
 @app.command()
+def retrofit(
+    core: Annotated[str, typer.Option(help="Layers I..J-1 to loop: I:J.")],
+    save: Annotated[str, typer.Option(help="Where to write the looplm dir (records the source and the block).")],
+    model: Annotated[Optional[str], typer.Option(help="HF Llama-family (or any looplm-loadable) dir; default SmolLM2-135M-Instruct.")] = None,
+    loops: Annotated[int, typer.Option(help="Default loop count R of the result.")] = 2,
+) -> None:
+    """Loop a block of a pretrained model with shared weights and save it as a looplm dir."""
+    import looplm
+
+    try:
+        path = model or str(looplm.default_model_dir())
+        net = looplm.load(path, core=_block(core), num_loops=loops)
+        out = looplm.save(net, save, tokenizer_from=path)
+    except ValueError as e:
+        _fail(str(e))
+    c = net.config
+    print(f"{out}: prelude {c.num_prelude_layers} + core {c.num_core_layers} x {c.num_loops} loops + coda "
+          f"{c.num_coda_layers} layers; weights {net.weight_bytes() / 2**20:.1f} MiB (held once)")
+
+
+@app.command()
 def analyze(
     model: Annotated[Optional[str], typer.Option(help="Model dir; default SmolLM2-135M-Instruct.")] = None,
     core: Annotated[Optional[str], typer.Option(help="The looped block I:J (default: the model's core).")] = None,
