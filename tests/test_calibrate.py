@@ -56,3 +56,17 @@ def test_bad_calibration_input():
         looplm.calibrate(tiny_model(), SEQS, policy="q", target_mean_loops=2)
     with pytest.raises(ValueError, match="tokenizer"):
         chunk_tokens(["text"])
+
+
+def test_nothing_to_calibrate_is_a_clear_error():
+    model = gated_model()
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        looplm.calibrate(model, SEQS, policy="kl", target_mean_loops=1.5, num_loops=2, seq_len=20)
+
+
+def test_thresholds_always_parse():
+    from looplm.calibrate import LoopTable
+
+    table = LoopTable(nll=torch.rand(50, 3), stats={"entropy": torch.full((50, 3), 1e-8)})
+    for row in table.frontier("entropy"):
+        looplm.parse_exit(f"entropy:{row['threshold']}")

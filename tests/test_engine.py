@@ -126,3 +126,27 @@ def test_scoring_through_the_cache_equals_one_forward():
     shared = looplm.score(model, contexts, conts, kv="last")  # the strategy acts on the continuation
     assert shared.logprobs[1] == pytest.approx(fast.logprobs[1], abs=1e-5)  # 1 token: prefill only
     assert shared.logprobs[0][1:] != pytest.approx(fast.logprobs[0][1:], abs=1e-5)
+
+
+def test_bad_ids_and_masks_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"continuation 0.*\[61\]"):
+        looplm.score(model, [[1, 2]], [[61]])
+    with pytest.raises(ValueError, match=r"context 0.*\[99\]"):
+        looplm.score(model, [[1, 99]], [[3]], kv="last")
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        looplm.score(model, [[1, 2]], [[-1]], kv="last")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="left-padded"):
+        looplm.generate(model, ids, attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        looplm.generate(model, ids, attention_mask=torch.tensor([[0, 0, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        looplm.generate(tiny_model(sliding_window=8), [[1, 2, 3, 4, 5]], max_new_tokens=10)
+
+
+def test_reported_policy_keeps_its_bounds():
+    model = tiny_model()
+    res = looplm.generate(model, [[1, 2]], exit="kl:0.05|conv:0.2,min=2,max=3", max_new_tokens=2, stop_tokens=[])
+    assert res.exit_policy == "kl:0.05|conv:0.2,min=2,max=3"
+    assert looplm.parse_exit(res.exit_policy).spec() == res.exit_policy

@@ -157,3 +157,31 @@ def test_report_and_compare(tmp_path):
     assert cmp["difference_b_minus_a"]["n"] == 8
     bad = CliRunner().invoke(app, ["eval", "compare", str(paths[0]), str(tmp_path / "nope.json")])
     assert bad.exit_code == 2 and "nope.json" in bad.output
+
+
+def test_resume_survives_two_crashes(tmp_path):
+    m = model()
+    task = mc_task(5)
+    cfg = runner.RunConfig("toy", "toy-mc", loops=1)
+    full = runner.evaluate(m, TOK, task, cfg, progress=False)
+    path = tmp_path / "c.jsonl"
+    runner.evaluate(m, TOK, mc_task(2), cfg, cache_path=path, progress=False)
+    with open(path, "a") as f:
+        f.write('{"id": "q2", "co')  # crash 1, mid-write
+    runner.evaluate(m, TOK, mc_task(4), cfg, cache_path=path, progress=False)  # resumes, then "crashes" again
+    again = runner.evaluate(m, TOK, task, cfg, cache_path=path, progress=False)
+    assert [r["id"] for r in again["items"]] == [r["id"] for r in full["items"]]
+    for a, b in zip(again["items"], full["items"]):  # other batch compositions: equal to float rounding
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4) and a["pred"] == b["pred"]
+
+
+def test_empty_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="no items"):
+        runner.evaluate(model(), TOK, mc_task(0), runner.RunConfig("toy", "toy-mc"), progress=False)
+
+
+def test_core_and_dtype_separate_runs():
+    a = runner.RunConfig("m", "t", loops=2, core="1:3")
+    b = runner.RunConfig("m", "t", loops=2, core="2:4")
+    assert a.key() != b.key() and a.filename() != b.filename()
+    assert a.key() != runner.RunConfig("m", "t", loops=2, core="1:3", dtype="bfloat16").key()

@@ -59,7 +59,7 @@ def generate(
         if use_chat and not getattr(tok, "chat_template", None):
             _fail(f"{path} has no chat template; use --raw")
         ids = [_encode(tok, p, use_chat) for p in prompts]
-        stop = _stop_tokens(net, tok)
+        stop = looplm.engine.stop_tokens_for(net.config, tok)
         gen = looplm.stream(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, exit=exit, kv=kv, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop, pad_token_id=tok.pad_token_id)
     except ValueError as e:  # bad input: a clear message, no traceback
@@ -268,7 +268,7 @@ def eval_run(
         the_task = tasks.load_task(task, data_dir=data_dir, shots=shots, limit=limit, seed=seed)
         use_chat = (the_task.kind == "gen" and bool(getattr(tok, "chat_template", None))) if chat is None else chat
         configs = runner.sweep_configs(path, task, loops=loop_list, exits=exits, kvs=kvs, shots=shots, limit=limit,
-                                       chat=use_chat, seed=seed)
+                                       chat=use_chat, seed=seed, core=core, dtype=DTYPES.get(dtype, dtype))
         out_dir = Path(out) / task.replace(":", "_").replace("/", "_")
         paths = runner.run_sweep(net, tok, the_task, configs, out_dir, batch_size=batch_size)
     except ValueError as e:
@@ -337,14 +337,6 @@ def _encode(tok, text: str, chat: bool) -> list[int]:
         out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
     return tok.encode(text)
-
-
-def _stop_tokens(net, tok) -> list[int]:
-    eos = net.config.eos_token_id
-    stop = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
-    if tok.eos_token_id is not None:
-        stop.add(tok.eos_token_id)
-    return sorted(stop)
 
 
 def _run_with_progress(gen, tok, *, single: bool) -> None:

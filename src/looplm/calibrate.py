@@ -53,9 +53,15 @@ class LoopTable:
         """Thresholds spread over the statistic's observed values → mean loops and NLL, sorted by loops."""
         s = self.stats[KINDS[kind]][:, :-1].flatten()
         s = s[torch.isfinite(s)]
+        if len(s) == 0:
+            raise ValueError(f"nothing to calibrate: with {self.num_loops} loop(s), '{kind}' can never exit early "
+                             "(kl needs two loops to compare; use more loops)")
         qs = torch.linspace(0, 1, points, dtype=s.dtype)
         ths = torch.quantile(s[torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:100_000]], qs)
-        ths = torch.cat([ths, ths.max()[None] + 1e-6, ths.min()[None] - 1e-6]).unique()
+        ths = torch.cat([ths, ths.max()[None] + 1e-6, ths.min()[None] - 1e-6])
+        # thresholds the policy accepts: q in [0, 1], the others > 0 (a statistic ≥ 0 is never below ≤ 0)
+        ths = ths.clamp(0.0, 1.0) if kind == "q" else ths.clamp(min=1e-12)
+        ths = ths.unique()
         exits = self.exit_loops(kind, ths, min_loops=min_loops)  # (T, G)
         nll = self.nll.gather(1, exits - 1)  # (T, G)
         rows = [{"threshold": float(t), "mean_loops": float(e.float().mean()), "nll": float(n.mean())}

@@ -52,6 +52,22 @@ def sample(
     return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
 
 
+def stop_tokens_for(config, tokenizer=None) -> list[int]:
+    """The config's EOS id(s) and the tokenizer's EOS id, as one sorted list."""
+    eos = config.eos_token_id
+    stop = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        stop.add(tokenizer.eos_token_id)
+    return sorted(stop)
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"{what} {i}: token ids must be in [0, {vocab_size}); got {bad[:5]}")
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A list of token-id lists → input_ids (B, S) left-padded, attention_mask (B, S)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -175,22 +191,30 @@ class Generation:
             raise ValueError(f"token ids must be in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
         B, S = ids.shape
         self.force = None
+        if S < 1 or bool((mask.sum(1) == 0).any()):
+            raise ValueError("every prompt needs at least one token (a row of the attention mask is all 0)")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("prompts must be left-padded: a row of the attention mask has a 0 after a 1")
         if force is not None:
             if len(force) != B or any(len(f) == 0 for f in force):
                 raise ValueError(f"force needs one non-empty token list per prompt ({B}), got {len(force)}")
+            check_token_ids(force, vocab, "forced tokens of row")
             max_new_tokens = max(len(f) for f in force)
             self.force = torch.full((B, max_new_tokens), -1, dtype=torch.long)
             for i, f in enumerate(force):
                 self.force[i, : len(f)] = torch.as_tensor(list(f), dtype=torch.long)
             self.force = self.force.to(model.device)
-        limit = cfg.max_position_embeddings
-        if S > limit:
-            raise ValueError(f"prompt of {S} tokens exceeds the position limit max_position_embeddings={limit}")
-        if S + max_new_tokens > limit:
+        limit, longest = cfg.max_position_embeddings, int(mask.sum(1).max())  # a row's positions count its tokens
+        if longest > limit:
+            raise ValueError(f"prompt of {longest} tokens exceeds the position limit max_position_embeddings={limit}")
+        if longest + max_new_tokens > limit:
             raise ValueError(
-                f"prompt of {S} tokens + max_new_tokens={max_new_tokens} exceeds the position limit "
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the position limit "
                 f"max_position_embeddings={limit}"
             )
+        if cfg.sliding_window and S + max_new_tokens > cfg.sliding_window:
+            raise ValueError(f"prompt of {S} tokens + max_new_tokens={max_new_tokens} exceeds sliding_window="
+                             f"{cfg.sliding_window} (looplm runs full attention, exact only within the window)")
         self.ids, self.mask = ids.to(model.device), mask.to(model.device)
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -337,7 +361,7 @@ class Generation:
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
             decode_core_layer_evals=self.decode_core_layer_evals,
-            exit_policy=str(self.policy) if self.policy is not None else f"static:{self.num_loops}",
+            exit_policy=self.policy.spec() if self.policy is not None else f"static:{self.num_loops}",
         )
 
 
@@ -378,6 +402,8 @@ def score(model: LoopedLM, contexts: Sequence[Sequence[int]], continuations: Seq
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     R, policy = model.resolve_budget(num_loops, exit)
     check_strategy(kv)
+    check_token_ids(contexts, model.config.vocab_size, "context")
+    check_token_ids(continuations, model.config.vocab_size, "continuation")
     if policy is None and kv == "per_loop":
         return _score_forward(model, contexts, continuations, R)
     res = Generation(model, contexts, num_loops=num_loops, exit=exit, kv=kv, force=continuations,
@@ -401,8 +427,9 @@ def _score_forward(model: LoopedLM, contexts, continuations, R: int) -> ScoreRes
     ids, mask = left_pad([list(c) for c in groups], 0)
     K = max(len(t) for t in continuations)
     limit = model.config.max_position_embeddings
-    if ids.shape[1] + K > limit:
-        raise ValueError(f"context + continuation of {ids.shape[1] + K} tokens exceeds max_position_embeddings={limit}")
+    longest = max(len(c) + len(t) for c, t in zip(contexts, continuations))  # positions are per row
+    if longest > limit:
+        raise ValueError(f"context + continuation of {longest} tokens exceeds max_position_embeddings={limit}")
     cache = KVCache(model.config, batch_size=len(groups), max_len=ids.shape[1] + K, num_loops=R,
                     strategy="per_loop", dtype=model.dtype, device=model.device)
     first = model(ids.to(model.device), attention_mask=mask.to(model.device), num_loops=R, cache=cache,

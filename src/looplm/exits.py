@@ -53,6 +53,12 @@ class ExitPolicy:
             return torch.full((stats.size,), stats.loop >= last, dtype=torch.bool, device=stats.device)
         return self.fires(stats)
 
+    def spec(self) -> str:
+        """The policy as a string `parse_exit` reads back, bounds included."""
+        bounds = ([f"min={self.min_loops}"] if self.min_loops > 1 else []) + \
+            ([f"max={self.max_loops}"] if self.max_loops is not None and not isinstance(self, Static) else [])
+        return ",".join([str(self), *bounds])
+
     def bounded(self, *, min_loops: int | None = None, max_loops: int | None = None) -> ExitPolicy:
         if min_loops is not None:
             self.min_loops = min_loops

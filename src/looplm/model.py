@@ -349,14 +349,17 @@ class LoopedLM(nn.Module):
             lam = self.exit_lambda(x)  # (B, S) or None
             if lam is not None:
                 lambdas.append(lam)
+            logits = None
             if return_loops or (policy is not None and "logits" in policy.needs):
-                loop_logits.append(self.readout(x, ctx, keep if policy is None else slice(None)))
+                logits = self.readout(x, ctx, keep if policy is None else slice(None))
+                if return_loops:  # otherwise only the current loop's logits are kept (the tracker holds the last)
+                    loop_logits.append(logits)
             if return_loops or policy is not None:
                 hidden.append(x)
             if tracker is not None:
                 stats = tracker.step(loop_idx + 1, hidden=x.flatten(0, 1),
                                      lam=None if lam is None else lam.flatten(),
-                                     logits=loop_logits[-1].flatten(0, 1) if loop_logits else None)
+                                     logits=None if logits is None else logits.flatten(0, 1))
                 fired = policy.exits(stats, R).view(B, S)
                 exit_loop = torch.where((exit_loop == 0) & fired, loop_idx + 1, exit_loop)
 
@@ -436,9 +439,9 @@ class LoopedLM(nn.Module):
             past = cache.length
             positions, key_valid = cache.begin(new_valid, num_loops=R)  # (B, S), (B, past + S)
         limit = self.config.max_position_embeddings
-        if past + S > limit:
+        if positions.numel() and int(positions.max()) + 1 > limit:  # per row: left padding takes no position
             raise ValueError(
-                f"sequence length {past + S} (past {past} + new {S}) exceeds the position limit "
+                f"sequence length {int(positions.max()) + 1} (past {past} + new {S}) exceeds the position limit "
                 f"max_position_embeddings={limit}"
             )
         if self.config.sliding_window and past + S > self.config.sliding_window:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import generate
+from ..engine import generate, stop_tokens_for
 from ..model import LoopedLM
 from .runner import encode_prompt, write_json
 from .tasks import TaskError, default_data_dir
@@ -119,7 +119,7 @@ def main(model: LoopedLM, tokenizer, *, data_dir=None, loops=(None,), kvs=("per_
     harmful, benign = load_prompts(data_dir, limit=limit, seed=seed)
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     loop_list = sorted({r or model.config.num_loops for r in loops})
-    stop = [t for t in {tokenizer.eos_token_id, model.config.eos_token_id} if isinstance(t, int)]
+    stop = stop_tokens_for(model.config, tokenizer)
     rates = []
     for kv in kvs:
         for R in loop_list:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..cache import KVCache
-from ..engine import Generation, score
+from ..engine import Generation, score, stop_tokens_for
 from ..model import LoopedLM
 from .tasks import Item, Task
 
@@ -42,11 +42,14 @@ class RunConfig:
     limit: int | None = None
     chat: bool = False
     seed: int = 0
+    core: str | None = None  # "I:J" when a block of the model was looped (a retrofit)
+    dtype: str = "float32"
 
     @property
     def label(self) -> str:
         budget = f"exit={self.exit}" if self.exit else "static"
-        return f"loops={self.loops or 'default'} {budget} kv={self.kv}"
+        block = f"core={self.core} " if self.core else ""
+        return f"{block}loops={self.loops or 'default'} {budget} kv={self.kv}"
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
@@ -117,13 +120,15 @@ class ItemCache:
         self.path, self.done = path, {}
         if path is None or not path.exists():
             return
-        lines = path.read_text().splitlines()
-        for n, line in enumerate(lines, start=1):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a write torn by a crash: cut it off before appending again
+            data = data[: data.rfind(b"\n") + 1]
+            with open(path, "r+b") as f:
+                f.truncate(len(data))
+        for n, line in enumerate(data.decode().splitlines(), start=1):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                if n == len(lines):
-                    break  # the write that was interrupted
                 raise ValueError(f"{path}:{n}: corrupt cache line; delete the file to start this run again") from None
             self.done[row["id"]] = row
 
@@ -144,6 +149,8 @@ def evaluate(model: LoopedLM, tokenizer, task: Task, cfg: RunConfig, *, cache_pa
              batch_size: int = 8, progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
     """Score every item of `task` under `cfg`; returns the run's JSON-able dict."""
     items = task.items
+    if not items:
+        raise ValueError(f"task {task.name!r} has no items to score (check --limit)")
     cache = ItemCache(cache_path)
     todo = [it for it in items if it.id not in cache.done]
     check_lengths(model, tokenizer, task, cfg)
@@ -193,28 +200,32 @@ def _run_mc(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> 
 
 def _run_gen(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> list[dict]:
     prompts = [encode_prompt(tokenizer, it.prompt, chat=cfg.chat) for it in batch]
-    stop = {t for t in (tokenizer.eos_token_id, model.config.eos_token_id) if isinstance(t, int)}
+    stop = set(stop_tokens_for(model.config, tokenizer))
     gen = Generation(model, prompts, max_new_tokens=task.max_new_tokens, num_loops=cfg.loops, exit=cfg.exit,
                      kv=cfg.kv, stop_tokens=sorted(stop), pad_token_id=tokenizer.pad_token_id)
-    done = [False] * len(batch)
+    done_at: list[int | None] = [None] * len(batch)  # the step at which a row's answer ended
     texts = [""] * len(batch)
     for step in gen:  # stop strings end a row's text; the batch stops when every row has ended
         toks = torch.stack([s.tokens for s in gen.steps], 1)
         act = torch.stack([s.active for s in gen.steps], 1)
         for i in range(len(batch)):
-            if not done[i] and bool(step.active[i]):
+            if done_at[i] is not None:
+                continue
+            if bool(step.active[i]):
                 texts[i] = tokenizer.decode([t for t, a in zip(toks[i].tolist(), act[i].tolist()) if a and t not in stop])
-                done[i] = any(s in texts[i] for s in task.stop)
-            elif not bool(step.active[i]):
-                done[i] = True
-        if all(done):
+                if any(s in texts[i] for s in task.stop) or int(step.tokens[i]) in stop:
+                    done_at[i] = step.index
+            else:
+                done_at[i] = step.index - 1
+        if all(d is not None for d in done_at):
             break
     out = []
     for i, it in enumerate(batch):
         text = texts[i]
         for s in task.stop:
             text = text.split(s)[0]
-        loops = torch.stack([s.loops for s in gen.steps], 1)[i]
+        end = len(gen.steps) if done_at[i] is None else done_at[i] + 1
+        loops = torch.stack([s.loops for s in gen.steps[:end]], 1)[i]  # tokens after the answer ended don't count
         ran = loops[loops > 0]
         out.append({"id": it.id, "answer": it.answer, "completion": text, "extracted": task.extract(text),
                     "correct": float(task.is_correct(it, text)), "loops": float(ran.float().mean()),
@@ -315,13 +326,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def sweep_configs(model: str, task: str, *, loops: Sequence[int | None], exits: Sequence[str], kvs: Sequence[str],
-                  shots: int = 0, limit: int | None = None, chat: bool = False, seed: int = 0) -> list[RunConfig]:
+                  shots: int = 0, limit: int | None = None, chat: bool = False, seed: int = 0,
+                  core: str | None = None, dtype: str = "float32") -> list[RunConfig]:
     """Static runs at every loop count, and each exit policy capped at the largest loop count, per KV strategy."""
     cap = max((x for x in loops if x is not None), default=None)
+    common = dict(shots=shots, limit=limit, chat=chat, seed=seed, core=core, dtype=dtype)
     out = []
     for kv in kvs:
-        out += [RunConfig(model, task, r, None, kv, shots, limit, chat, seed) for r in loops]
-        out += [RunConfig(model, task, cap, e, kv, shots, limit, chat, seed) for e in exits]
+        out += [RunConfig(model, task, r, None, kv, **common) for r in loops]
+        out += [RunConfig(model, task, cap, e, kv, **common) for e in exits]
     return out
 
 
