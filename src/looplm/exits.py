@@ -20,7 +20,6 @@ from typing import ClassVar
 
 import torch
 
-NEEDS = ("gate", "hidden", "logits")
 
 
 @dataclass
