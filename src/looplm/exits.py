@@ -21,7 +21,6 @@ from typing import ClassVar
 import torch
 
 
-
 @dataclass
 class LoopStats:
     """What is known of N tokens after loop `loop` (1-based) finished."""
