@@ -16,7 +16,7 @@ def test_loop_diagnostics_match_the_forward():
         for s in seqs:
             ids = torch.tensor([s])
             out = model(ids, num_loops=3, return_loops=True)
-            ctx = model._context(ids, None, None, 3)
+            ctx = model.context(ids, None, None, 3)
             h0 = model.embed(ids, ctx)
             hs = [h0, *out.loop_hidden]
             for r in range(3):

@@ -96,7 +96,7 @@ def test_more_loops_equal_the_core_run_again_by_hand():
     ids = torch.randint(0, 61, (1, 6))
     with torch.no_grad():
         out = model(ids, num_loops=3, return_loops=True)
-        ctx = model._context(ids, None, None, 3)
+        ctx = model.context(ids, None, None, 3)
         x = model.embed_tokens(ids)
         for r in range(3):
             x = model.layers[0](x, ctx, 0, r)

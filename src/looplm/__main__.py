@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from looplm.cache import check_strategy
+from looplm.evaluation.runner import encode_prompt
 from looplm.exits import parse_exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped language models: compute and memory budgets per request.")
@@ -58,7 +59,7 @@ def generate(
         use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
         if use_chat and not getattr(tok, "chat_template", None):
             _fail(f"{path} has no chat template; use --raw")
-        ids = [_encode(tok, p, use_chat) for p in prompts]
+        ids = [encode_prompt(tok, p, chat=use_chat) for p in prompts]
         stop = looplm.engine.stop_tokens_for(net.config, tok)
         gen = looplm.stream(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, exit=exit, kv=kv, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop, pad_token_id=tok.pad_token_id)
@@ -330,13 +331,6 @@ def _loops_histogram(loops_per_token, num_loops: int) -> dict[str, int]:
     """Count of generated tokens per loop count 1..R."""
     counts = [int((loops_per_token == r).sum()) for r in range(1, num_loops + 1)]
     return {str(r): n for r, n in zip(range(1, num_loops + 1), counts)}
-
-
-def _encode(tok, text: str, chat: bool) -> list[int]:
-    if chat:
-        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return tok.encode(text)
 
 
 def _run_with_progress(gen, tok, *, single: bool) -> None:

@@ -41,12 +41,11 @@ def diagnose(model: LoopedLM, sequences: list[list[int]], *, num_loops: int | No
     count = 0
     for seq in sequences:
         ids = torch.tensor([seq], device=model.device)
-        ctx = model._context(ids, None, None, R)
+        ctx = model.context(ids, None, None, R)
         x = e = model.embed(ids, ctx)
         prev = x
         for r in range(R):
-            if r > 0 and cfg.injection != "none":
-                x = x + e if model.injection is None else model.injection(torch.cat([x, e], dim=-1))
+            x = model.inject(x, e, r)
             for j, layer in enumerate(model.core):
                 y = layer(x, ctx, P + j, r)
                 layer_rel[r, j] += _rel(y, x).sum()

@@ -102,7 +102,7 @@ def loop_table(model: LoopedLM, sequences: Sequence[Sequence[int]], *, num_loops
             ids[i, : len(s)] = torch.as_tensor(list(s))
             mask[i, : len(s)] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        ctx = model._context(ids, mask, None, R)
+        ctx = model.context(ids, mask, None, R)
         x = e = model.embed(ids, ctx)
         tracker = LoopTracker(parse_exit(kinds), ids.numel(), ids.device, start_hidden=x.flatten(0, 1))
         targets = ids[:, 1:]

@@ -287,7 +287,7 @@ class Generation:
         model, cache, R, C = self.model, self.cache, self.num_loops, self.model.config.num_core_layers
         B = tokens.shape[0]
         rows = active.nonzero().squeeze(1)  # (n,) rows that are not finished
-        ctx = model._context(tokens[:, None], active[:, None].long(), cache, R)
+        ctx = model.context(tokens[:, None], active[:, None].long(), cache, R)
         full = ctx if len(rows) == B else ctx.select(rows)
         x = e = model.embed(tokens[rows, None], full)  # (n, 1, D)
         loops = torch.zeros(B, dtype=torch.long, device=tokens.device)

@@ -337,7 +337,7 @@ class LoopedLM(nn.Module):
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
         R, policy = self.resolve_budget(num_loops, exit)
-        ctx = self._context(input_ids, attention_mask, cache, R)
+        ctx = self.context(input_ids, attention_mask, cache, R)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
 
         x = e = self.embed(input_ids, ctx)  # (B, S, D); e is re-injected each loop when configured
@@ -395,11 +395,16 @@ class LoopedLM(nn.Module):
     def core_loop(self, x: torch.Tensor, e: torch.Tensor, ctx: _Context, loop_idx: int) -> torch.Tensor:
         """One loop: injection (loops ≥ 2), the core layers, the loop norm."""
         cfg = self.config
-        if loop_idx > 0 and cfg.injection != "none":
-            x = x + e if self.injection is None else self.injection(torch.cat([x, e], dim=-1))
+        x = self.inject(x, e, loop_idx)
         for j, layer in enumerate(self.core):
             x = layer(x, ctx, cfg.num_prelude_layers + j, loop_idx)
         return self.norm(x) if cfg.loop_norm else x
+
+    def inject(self, x: torch.Tensor, e: torch.Tensor, loop_idx: int) -> torch.Tensor:
+        """Re-inject the prelude output e at loops ≥ 2: x + e ("add") or Linear([x, e]) ("concat")."""
+        if loop_idx == 0 or self.config.injection == "none":
+            return x
+        return x + e if self.injection is None else self.injection(torch.cat([x, e], dim=-1))
 
     def exit_lambda(self, h: torch.Tensor) -> torch.Tensor | None:
         """λ = σ(gate(h)) in fp32, (..., D) → (...); None without a gate."""
@@ -420,8 +425,10 @@ class LoopedLM(nn.Module):
             h = layer(h, ctx, base + i, 0)
         return self.lm_head(self.norm(h[:, keep]))
 
-    def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 cache: KVCache | None, R: int) -> _Context:
+    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                cache: KVCache | None, R: int) -> _Context:
+        """What every layer of a forward over input_ids shares: RoPE tables for each row's positions, the
+        attention mask, the cache (`begin()` is called on it here; the caller commits)."""
         B, S = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(

@@ -54,6 +54,8 @@ from lm_eval.api.registry import model_registry, register_model
 
 import looplm
 from looplm.cache import check_strategy
+from looplm.engine import stop_tokens_for
+from looplm.evaluation.runner import cut_at_stop, run_until  # noqa: F401 (cut_at_stop: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +176,6 @@ def parse_gen_kwargs(gen_kwargs: dict, default_max_gen_toks: int) -> dict:
                 top_k=int(top_k) if top_k is not None and temperature > 0 else None,
                 top_p=float(top_p) if top_p is not None and temperature > 0 else None,
                 seed=int(seed) if seed is not None else None)
-
-
-def cut_at_stop(text: str, until: Sequence[str]) -> str:
-    """text up to the earliest stop string (empty stop strings are ignored)."""
-    cut = len(text)
-    for s in until:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-    return text[:cut]
 
 
 # --------------------------------------------------------------------------- the model
@@ -449,32 +440,19 @@ class LoopLMEval(TemplateLM):
         return results  # type: ignore[return-value]
 
     def _stop_token_ids(self) -> list[int]:
-        ids = {self.eot_token_id}
-        eos = self.model.config.eos_token_id
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-        return sorted(i for i in ids if i is not None)
+        return stop_tokens_for(self.model.config, self.tokenizer)
 
     def _generate_batch(self, prompts: list[list[int]], until: list[str], max_new: int, gen: dict) -> list[str]:
         """Stream tokens until every row has emitted a stop token or produced a stop string."""
         run = looplm.stream(self.model, prompts, max_new_tokens=max_new, num_loops=self.loops, exit=self.exit,
                             kv=self.kv, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
                             seed=gen["seed"], stop_tokens=self._stop_token_ids())
-        stop_ids = set(self._stop_token_ids())
-        tokens: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for step in run:
-            for r, (tok, active, loops) in enumerate(zip(step.tokens.tolist(), step.active.tolist(),
-                                                          step.loops.tolist())):
-                if not active or done[r]:
-                    continue
-                tokens[r].append(tok)
-                self.stats["generated_tokens"] += 1
-                self.stats["generated_loops"] += loops
-                if tok in stop_ids or any(s and s in self.tok_decode(tokens[r]) for s in until):
-                    done[r] = True
-            if all(done):
-                break
-        return [cut_at_stop(self.tok_decode([t for t in toks if t not in stop_ids]), until) for toks in tokens]
+        texts, ends = run_until(run, self.tok_decode, stop_ids=set(self._stop_token_ids()), until=until)
+        loops = torch.stack([s.loops for s in run.steps], 1)  # (B, N)
+        for r, end in enumerate(ends):
+            self.stats["generated_tokens"] += int((loops[r, :end] > 0).sum())
+            self.stats["generated_loops"] += int(loops[r, :end].sum())
+        return texts
 
 
 def _progress(total: int, desc: str, disable: bool):

@@ -198,37 +198,57 @@ def _run_mc(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> 
     return out
 
 
+def run_until(gen: Generation, decode: Callable[[list[int]], str], *, stop_ids: set[int],
+              until: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Consume `gen` until every row has emitted a stop token or a stop string.
+
+    Returns each row's text (stop tokens dropped, cut at the earliest stop string) and the number of
+    steps its answer took (tokens generated after a row's answer ended are not its compute).
+    """
+    B = len(gen.ids)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    steps: list[int | None] = [None] * B
+    for step in gen:
+        for i, (tok, active) in enumerate(zip(step.tokens.tolist(), step.active.tolist())):
+            if steps[i] is not None:
+                continue
+            if not active:  # finished by a stop token at the previous step
+                steps[i] = step.index
+                continue
+            if tok in stop_ids:
+                steps[i] = step.index + 1
+                continue
+            tokens[i].append(tok)
+            if any(s and s in decode(tokens[i]) for s in until):
+                steps[i] = step.index + 1
+        if all(n is not None for n in steps):
+            break
+    texts = [cut_at_stop(decode(t), until) for t in tokens]
+    return texts, [len(gen.steps) if n is None else n for n in steps]
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """text up to the earliest stop string (empty stop strings are ignored)."""
+    cut = len(text)
+    for s in until:
+        if s and (k := text.find(s)) != -1:
+            cut = min(cut, k)
+    return text[:cut]
+
+
 def _run_gen(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> list[dict]:
     prompts = [encode_prompt(tokenizer, it.prompt, chat=cfg.chat) for it in batch]
     stop = set(stop_tokens_for(model.config, tokenizer))
     gen = Generation(model, prompts, max_new_tokens=task.max_new_tokens, num_loops=cfg.loops, exit=cfg.exit,
                      kv=cfg.kv, stop_tokens=sorted(stop), pad_token_id=tokenizer.pad_token_id)
-    done_at: list[int | None] = [None] * len(batch)  # the step at which a row's answer ended
-    texts = [""] * len(batch)
-    for step in gen:  # stop strings end a row's text; the batch stops when every row has ended
-        toks = torch.stack([s.tokens for s in gen.steps], 1)
-        act = torch.stack([s.active for s in gen.steps], 1)
-        for i in range(len(batch)):
-            if done_at[i] is not None:
-                continue
-            if bool(step.active[i]):
-                texts[i] = tokenizer.decode([t for t, a in zip(toks[i].tolist(), act[i].tolist()) if a and t not in stop])
-                if any(s in texts[i] for s in task.stop) or int(step.tokens[i]) in stop:
-                    done_at[i] = step.index
-            else:
-                done_at[i] = step.index - 1
-        if all(d is not None for d in done_at):
-            break
+    texts, ends = run_until(gen, tokenizer.decode, stop_ids=stop, until=task.stop)
+    loops = torch.stack([s.loops for s in gen.steps], 1)  # (B, N)
     out = []
     for i, it in enumerate(batch):
-        text = texts[i]
-        for s in task.stop:
-            text = text.split(s)[0]
-        end = len(gen.steps) if done_at[i] is None else done_at[i] + 1
-        loops = torch.stack([s.loops for s in gen.steps[:end]], 1)[i]  # tokens after the answer ended don't count
-        ran = loops[loops > 0]
-        out.append({"id": it.id, "answer": it.answer, "completion": text, "extracted": task.extract(text),
-                    "correct": float(task.is_correct(it, text)), "loops": float(ran.float().mean()),
+        ran = loops[i, : ends[i]]
+        ran = ran[ran > 0]
+        out.append({"id": it.id, "answer": it.answer, "completion": texts[i], "extracted": task.extract(texts[i]),
+                    "correct": float(task.is_correct(it, texts[i])), "loops": float(ran.float().mean()),
                     "tokens": int(len(ran))})
     return out
 
