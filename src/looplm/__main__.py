@@ -217,6 +217,31 @@ def analyze(
     print(f"wrote {js} and {png}")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (see recipes/).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, dotted: train.batch_size=32 phases.0.steps=100.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore (and delete) checkpoints in output_dir; start over.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this global step (checkpoint kept; run again to go on).")] = None,
+) -> None:
+    """Train a looped model from a recipe; resumes from the newest checkpoint in its output_dir.
+
+    Runs on this CPU as is, and unchanged on many GPUs: `accelerate launch -m looplm train RECIPE` or
+    `torchrun --nproc_per_node N -m looplm train RECIPE` (DDP; FSDP through `accelerate config`).
+    """
+    from looplm.checkpoint import CheckpointError
+    from looplm.train import fit, load_recipe
+
+    try:
+        r = load_recipe(recipe, overrides or [])
+        res = fit(r, resume=not fresh, max_steps=max_steps)
+    except (ValueError, CheckpointError) as e:
+        _fail(str(e))
+    if res.last_eval:
+        print("eval  " + "  ".join(f"{k} {v}" for k, v in res.last_eval.items() if k != "acc_by_difficulty"))
+    print(f"{res.steps} steps in {res.seconds:.0f} s; model → {res.model_dir}")
+
+
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
 app.add_typer(eval_app, name="eval")
 

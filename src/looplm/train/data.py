@@ -1,0 +1,122 @@
+"""Training data: every batch is a pure function of (seed, step), so a resumed run sees exactly the
+batches the uninterrupted run would have seen, and each process of a distributed run takes its own
+rows of the same global batch (rows rank, rank + world, ...).
+
+Sources:
+    SyntheticSource   problems from `looplm.train.synthetic` (loss on the answer and EOS only)
+    TextSource        text files (.txt: the whole file; .jsonl: a `text` field per line) tokenized with the
+                      model's Hugging Face tokenizer, joined with EOS and packed into fixed-length blocks
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..losses import IGNORE_INDEX
+from . import synthetic
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S)
+    labels: torch.Tensor  # (B, S): labels[t] = the token at t + 1, or IGNORE_INDEX
+    difficulty: torch.Tensor | None = None  # (B,) for synthetic problems
+
+
+def _rows(global_batch: int, rank: int, world: int) -> range:
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the {world} processes")
+    return range(rank, global_batch, world)
+
+
+def encode_problem(tokenizer, problem: synthetic.Problem) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + answer + EOS: only the answer and EOS tokens are predicted."""
+    prompt = tokenizer.encode(problem.prompt, add_special_tokens=False)
+    answer = tokenizer.encode(problem.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = prompt + answer
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX]  # label at t is token t + 1
+    return ids, labels
+
+
+class SyntheticSource:
+    """Problems of `task` with difficulty drawn uniformly from `difficulties`, training split only."""
+
+    def __init__(self, tokenizer, *, task: str, difficulties: list[int], seq_len: int, seed: int, parts: int = 2):
+        if task not in synthetic.TASKS:
+            raise ValueError(f"data.task={task!r} is not one of {list(synthetic.TASKS)}")
+        if not difficulties or min(difficulties) < 1:
+            raise ValueError(f"data.difficulties must be a non-empty list of integers ≥ 1, got {difficulties}")
+        self.tokenizer, self.task, self.difficulties = tokenizer, task, list(difficulties)
+        self.seq_len, self.seed, self.parts = seq_len, seed, parts
+        longest = synthetic.make_problem(task, max(difficulties), seed, 0, parts=parts)
+        n = len(encode_problem(tokenizer, longest)[0])
+        if n > seq_len:
+            raise ValueError(f"data.seq_len={seq_len} is shorter than a difficulty-{max(difficulties)} problem ({n} tokens)")
+
+    def batch(self, step: int, batch_size: int, *, rank: int = 0, world: int = 1) -> Batch:
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((batch_size // world, self.seq_len), pad, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        diff = torch.zeros(batch_size // world, dtype=torch.long)
+        for i, row in enumerate(_rows(batch_size, rank, world)):
+            rng = random.Random(f"batch:{self.seed}:{step}:{row}")
+            while True:  # draw until the prompt falls in the training split (9 in 10 do)
+                d = rng.choice(self.difficulties)
+                p = synthetic.make_problem(self.task, d, self.seed, rng.getrandbits(48), parts=self.parts)
+                if not synthetic.is_heldout(p.prompt):
+                    break
+            x, y = encode_problem(self.tokenizer, p)
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+            diff[i] = d
+        return Batch(ids, labels, diff)
+
+
+class TextSource:
+    """Text files / JSONL packed into blocks of seq_len + 1 tokens; a batch samples blocks by (seed, step)."""
+
+    def __init__(self, tokenizer, *, paths: list[str], seq_len: int, seed: int, text_field: str = "text"):
+        if not paths:
+            raise ValueError("data.paths is empty: give at least one .txt or .jsonl file")
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no EOS token to separate documents")
+        stream: list[int] = []
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise ValueError(f"data path {str(p)!r} does not exist")
+            for doc in _documents(p, text_field):
+                stream += tokenizer.encode(doc, add_special_tokens=False) + [eos]
+        n_blocks = (len(stream) - 1) // seq_len
+        if n_blocks < 1:
+            raise ValueError(f"{paths}: {len(stream)} tokens are fewer than one block of seq_len={seq_len} + 1")
+        self.blocks = torch.tensor(stream[: n_blocks * seq_len + 1], dtype=torch.long)
+        self.seq_len, self.seed, self.num_blocks = seq_len, seed, n_blocks
+
+    def batch(self, step: int, batch_size: int, *, rank: int = 0, world: int = 1) -> Batch:
+        g = torch.Generator().manual_seed(hash((self.seed, step)) & 0x7FFF_FFFF)
+        starts = torch.randint(0, self.num_blocks, (batch_size,), generator=g) * self.seq_len
+        rows = starts[list(_rows(batch_size, rank, world))]
+        idx = rows[:, None] + torch.arange(self.seq_len + 1)  # (B, S + 1)
+        chunk = self.blocks[idx]
+        return Batch(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
+
+
+def _documents(path: Path, text_field: str):
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a {text_field!r} field") from None
+                yield str(doc)
+    else:
+        yield path.read_text(encoding="utf-8")

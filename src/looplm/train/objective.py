@@ -1,0 +1,119 @@
+"""One training forward of a looped model: every loop's loss through the shared head, in one module.
+
+`LoopObjective` wraps a `LoopedLM` so that distributed wrappers (DDP, FSDP via accelerate) see a single
+`forward` that returns the loss: the gradient all-reduce hooks only fire on a wrapped module's forward.
+It runs the pipeline loop by loop (the model's own `embed` / `core_loop` / `readout`), computes each
+loop's token cross-entropy as soon as its logits exist (only the teacher and student logits for
+self-distillation are kept), and combines them with the pure losses of `looplm.losses`.
+
+Truncated backprop (Huginn, arXiv 2502.05171): the first `no_grad_loops` loops run without autograd
+and their output is detached, so activation memory grows with the loops trained, not the loops run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import losses
+from ..model import LoopedLM
+
+STAGES = ("per_loop", "stage1", "stage2")
+
+
+@dataclass
+class LossConfig:
+    """What the loss of one step is made of (a recipe's `loss:` section)."""
+
+    # per_loop: mean_r CE_r (or the last loop only, last_loop_only). stage1: Σ_r p(r)·CE_r − β·H(p).
+    # stage2: the LM is frozen; BCE of the gate against the detached per-loop improvement.
+    stage: str = "stage1"
+    beta_start: float = 0.1  # Ouro stage I: β 0.1 → 0.05
+    beta_end: float = 0.05
+    gate_k: float = 50.0  # stage II: w_r = σ(k (I_r − γ))
+    gate_gamma: float = 0.005
+    distill_weight_start: float = 0.0  # self-distillation KL(p_R ‖ p_r), r drawn uniformly from 1..R−1
+    distill_weight_end: float = 0.0
+    distill_temperature: float = 1.0
+    last_loop_only: bool = False  # per_loop stage: train only the deepest loop's CE (a plain looped LM)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"loss.stage={self.stage!r} is not one of {list(STAGES)}")
+        for name in ("beta_start", "beta_end", "distill_weight_start", "distill_weight_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor  # (R,) mean CE of each loop over the predicted tokens (detached)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # exit_pdf (R,), exit_entropy, distill, ...
+
+
+class LoopObjective(nn.Module):
+    def __init__(self, model: LoopedLM, loss: LossConfig):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss
+        if loss.stage in ("stage1", "stage2") and model.early_exit_gate is None:
+            raise ValueError(f"loss.stage={loss.stage!r} trains an exit gate; the model has none (exit_gate=False)")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, num_loops: int, no_grad_loops: int = 0,
+                progress: float = 0.0, student_loop: int | None = None) -> StepOutput:
+        """input_ids, labels (B, S) (labels already shifted: labels[t] is the target at t, −100 = none).
+
+        progress ∈ [0, 1] drives the β and distillation-weight schedules; student_loop (1..R−1) is the
+        loop the deepest loop teaches this step (drawn by the trainer so every process agrees).
+        """
+        m, cfg = self.model, self.loss_config
+        R = num_loops
+        if not 0 <= no_grad_loops < R:
+            raise ValueError(f"no_grad_loops={no_grad_loops} must be in [0, num_loops={R})")
+        mask = labels != losses.IGNORE_INDEX  # (B, S)
+        ctx = m.context(input_ids, None, None, R)
+        want_distill = max(cfg.distill_weight_start, cfg.distill_weight_end) > 0 and R > 1 and student_loop is not None
+        frozen_lm = cfg.stage == "stage2"
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_lm):
+            x = e = m.embed(input_ids, ctx)  # (B, S, D)
+        ces, lambdas, kept = [], [], {}
+        for loop_idx in range(R):
+            grad = torch.is_grad_enabled() and loop_idx >= no_grad_loops and not frozen_lm
+            with torch.set_grad_enabled(grad):
+                x = m.core_loop(x, e, ctx, loop_idx)
+                logits = m.readout(x, ctx)  # (B, S, V)
+                ces.append(losses.per_loop_ce(logits[None], labels)[0])  # (B, S)
+            if not grad:
+                x = x.detach()
+            lam = m.exit_lambda(x.detach() if frozen_lm else x)  # the gate trains on frozen features in stage II
+            if lam is not None:
+                lambdas.append(lam)
+            if want_distill and loop_idx + 1 in (student_loop, R):
+                kept[loop_idx + 1] = logits
+        ce = torch.stack(ces)  # (R, B, S)
+        stats: dict[str, torch.Tensor] = {}
+        if cfg.stage == "stage1":
+            beta = losses.linear_schedule(progress, 1.0, cfg.beta_start, cfg.beta_end)
+            loss, s = losses.stage1_loss(ce, torch.stack(lambdas, -1), mask, beta=beta)
+            stats.update(s)
+        elif cfg.stage == "stage2":
+            loss, s = losses.stage2_gate_loss(ce, torch.stack(lambdas, -1), mask, k=cfg.gate_k, gamma=cfg.gate_gamma)
+            stats.update(s)
+        else:
+            per_loop = ce[-1:] if cfg.last_loop_only else ce[no_grad_loops:]
+            loss = (per_loop * mask).sum() / (mask.sum().clamp(min=1) * per_loop.shape[0])
+        if lambdas and cfg.stage != "stage1":
+            pdf = losses.exit_distribution(torch.stack(lambdas, -1).detach())
+            stats["exit_pdf"] = (pdf * mask[..., None]).sum((0, 1)) / mask.sum().clamp(min=1)
+            stats["exit_entropy"] = ((losses.exit_entropy(pdf) * mask).sum() / mask.sum().clamp(min=1))
+        if want_distill:
+            w = losses.linear_schedule(progress, 1.0, cfg.distill_weight_start, cfg.distill_weight_end)
+            kl = losses.self_distillation_loss(kept[R], kept[student_loop], mask, temperature=cfg.distill_temperature)
+            loss = loss + w * kl
+            stats["distill_kl"] = kl.detach()
+        ce_mean = (ce.detach() * mask).sum((1, 2)) / mask.sum().clamp(min=1)  # (R,)
+        return StepOutput(loss=loss, ce=ce_mean, stats=stats)

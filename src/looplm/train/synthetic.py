@@ -1,0 +1,124 @@
+"""Synthetic multi-step reasoning tasks whose difficulty is a knob, generated offline from a seed.
+
+    modarith   "3+4*2-5;6-1*6+2="  →  "21"      k operations per expression, applied left to right, mod 7
+    chain      "c=b,a=3,b=a,y=5;c=" →  "3"       follow k hops of variable assignments (statements shuffled)
+
+A problem holds `parts` independent sub-problems of the same difficulty and asks for all answers in a
+row, so the answer is several tokens: the first is read out at prefill, the next ones during decoding,
+which is where a shared KV cache (`kv="last"`) could cost accuracy.
+
+Every problem is a pure function of (task, seed, index): `make_problem` seeds its own `random.Random`
+with a string, so the same call gives the same problem on any machine and Python version. The split
+is by a hash of the prompt text: a held-out problem never occurs in training, whatever the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from dataclasses import dataclass
+
+TASKS = ("modarith", "chain")
+OPS = "+-*"
+MOD = 7
+VARS = string.ascii_lowercase
+# one token per character; <pad> = 0, <eos> = 1 (the tokenizer file is built from this list)
+SPECIALS = ("<pad>", "<eos>")
+ALPHABET = string.digits + VARS + "+-*=,;?:. "
+HELDOUT_BUCKETS = 10  # 1 in 10 prompt hashes is held out
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    difficulty: int
+    task: str
+
+
+def is_heldout(prompt: str) -> bool:
+    """The split: a stable hash of the prompt text (independent of seeds, processes and Python's hash)."""
+    return hashlib.sha256(prompt.encode()).digest()[0] % HELDOUT_BUCKETS == 0
+
+
+def _modarith(rng: random.Random, k: int) -> tuple[str, str]:
+    # mod 7 with multipliers 1..6: every operation is a bijection of Z_7, so the answer depends on all
+    # k steps (mod 10, "*0" or "*5" would erase the past and make a deep problem shallow)
+    value = rng.randrange(MOD)
+    text = str(value)
+    for _ in range(k):
+        op = rng.choice(OPS)
+        x = rng.randrange(1, MOD) if op == "*" else rng.randrange(MOD)
+        value = (value + x if op == "+" else value - x if op == "-" else value * x) % MOD
+        text += f"{op}{x}"
+    return text, str(value)
+
+
+def _chain(rng: random.Random, k: int, names: list[str]) -> tuple[list[str], str, str]:
+    """k hops: names[k-1] = names[k-2] = ... = names[0] = digit. Returns (statements, query, answer)."""
+    value = str(rng.randrange(10))
+    statements = [f"{names[0]}={value}"] + [f"{names[i]}={names[i - 1]}" for i in range(1, k)]
+    return statements, names[k - 1], value
+
+
+def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 2) -> Problem:
+    """Problem `index` of the stream (task, seed): `parts` sub-problems of `difficulty` steps each."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if difficulty < 1:
+        raise ValueError(f"difficulty must be ≥ 1, got {difficulty}")
+    if parts < 1:
+        raise ValueError(f"parts must be ≥ 1, got {parts}")
+    rng = random.Random(f"{task}:{seed}:{index}:{difficulty}")
+    if task == "modarith":
+        pieces = [_modarith(rng, difficulty) for _ in range(parts)]
+        return Problem(";".join(p for p, _ in pieces) + "=", "".join(a for _, a in pieces), difficulty, task)
+    need = parts * difficulty + distractors
+    if need > len(VARS):
+        raise ValueError(f"chain: {parts} parts × {difficulty} hops + {distractors} distractors need {need} "
+                         f"variables; only {len(VARS)} exist")
+    names = rng.sample(VARS, need)
+    statements, queries, answers = [], [], []
+    for p in range(parts):
+        st, q, a = _chain(rng, difficulty, names[p * difficulty:(p + 1) * difficulty])
+        statements += st
+        queries.append(q)
+        answers.append(a)
+    for name in names[parts * difficulty:]:  # distractor chains of one hop
+        statements.append(f"{name}={rng.randrange(10)}")
+    rng.shuffle(statements)
+    return Problem(",".join(statements) + ";" + ",".join(queries) + "=", "".join(answers), difficulty, task)
+
+
+def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tuple[int, ...], split: str,
+             start: int = 0, parts: int = 2) -> list[Problem]:
+    """`count` problems of the split ("train" or "heldout"), difficulties cycling through the list.
+
+    Candidates are drawn at indices start, start+1, ... and kept when their prompt hash falls in the split.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not difficulties:
+        raise ValueError("difficulties is empty")
+    out: list[Problem] = []
+    index = start
+    while len(out) < count:
+        d = difficulties[len(out) % len(difficulties)]
+        p = make_problem(task, d, seed, index, parts=parts)
+        index += 1
+        if is_heldout(p.prompt) == (split == "heldout"):
+            out.append(p)
+    return out
+
+
+def build_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` over ALPHABET (pad=0, eos=1), saved with the model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIALS, *ALPHABET))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
