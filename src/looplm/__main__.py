@@ -152,16 +152,26 @@ def calibrate(
     print("static      " + "  ".join(f"R={r}: {n:.4f}" for r, n in enumerate(cal.nll_static, start=1)))
 
 
-@app.command()
+retrofit_app = typer.Typer(help="Loop a block of a pretrained model (shared weights); search which block helps.")
+app.add_typer(retrofit_app, name="retrofit")
+
+
+@retrofit_app.callback(invoke_without_command=True)
 def retrofit(
-    core: Annotated[str, typer.Option(help="Layers I..J-1 to loop: I:J.")],
-    save: Annotated[str, typer.Option(help="Where to write the looplm dir (records the source and the block).")],
+    ctx: typer.Context,
+    core: Annotated[Optional[str], typer.Option(help="Layers I..J-1 to loop: I:J.")] = None,
+    save: Annotated[Optional[str], typer.Option(help="Where to write the looplm dir (records the source and the block).")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF Llama-family (or any looplm-loadable) dir; default SmolLM2-135M-Instruct.")] = None,
     loops: Annotated[int, typer.Option(help="Default loop count R of the result.")] = 2,
 ) -> None:
-    """Loop a block of a pretrained model with shared weights and save it as a looplm dir."""
+    """Loop a block of a pretrained model with shared weights and save it as a looplm dir
+    (`looplm retrofit --core I:J --save DIR`); `looplm retrofit search` finds which block to loop."""
+    if ctx.invoked_subcommand is not None:
+        return
     import looplm
 
+    if core is None or save is None:
+        _fail("--core and --save are required (or use `looplm retrofit search ...`)")
     try:
         path = model or str(looplm.default_model_dir())
         net = looplm.load(path, core=_block(core), num_loops=loops)
@@ -171,6 +181,54 @@ def retrofit(
     c = net.config
     print(f"{out}: prelude {c.num_prelude_layers} + core {c.num_core_layers} x {c.num_loops} loops + coda "
           f"{c.num_coda_layers} layers; weights {net.weight_bytes() / 2**20:.1f} MiB (held once)")
+
+
+@retrofit_app.command("search")
+def retrofit_search(
+    task: Annotated[str, typer.Option(help="Multiple-choice task: arc-easy | arc-challenge | mmlu[:subject] | mc:PATH.")] = "arc-easy",
+    model: Annotated[Optional[str], typer.Option(help="HF Llama-family dir; default SmolLM2-135M-Instruct.")] = None,
+    limit: Annotated[int, typer.Option(help="Probe items: the task's first N.")] = 100,
+    holdout: Annotated[Optional[int], typer.Option(help="Held-out items after the probe to re-score the top k on (default: = --limit).")] = None,
+    sizes: Annotated[str, typer.Option(help="Block sizes in layers: 1-8, 1,2,4 or 1-3,6.")] = "1-8",
+    loops: Annotated[str, typer.Option(help="Loop counts r ≥ 2 to try, e.g. 2,3 (r = 1 is the baseline).")] = "2,3",
+    starts: Annotated[Optional[str], typer.Option(help="Start layers to try, as 0-based indices, e.g. 0,4,8 (default: all).")] = None,
+    top_k: Annotated[int, typer.Option(help="Best candidates to re-score on the held-out items.")] = 5,
+    metric: Annotated[str, typer.Option(help="Rank by acc (accuracy gain) or nll (drop in the gold answer's NLL per token).")] = "acc",
+    batch_size: Annotated[int, typer.Option(help="Items per forward.")] = 16,
+    shots: Annotated[int, typer.Option(help="Few-shot examples per prompt.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for few-shot sampling and bootstrap.")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Benchmark files in the layout of shared/data (default: ../shared/data).")] = None,
+    out: Annotated[str, typer.Option(help="Output dir: search.json, heatmap.png and the resumable cache (.cache/).")] = "out/retrofit-search",
+    rows: Annotated[int, typer.Option(help="Candidates shown in the table.")] = 15,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+) -> None:
+    """Score every block i..j-1 looped r times on a probe split by log-likelihood (the prelude and loop 1
+    are reused across candidates), rank against the unlooped model with paired bootstrap intervals,
+    re-score the top k on held-out items, draw a heatmap of Δscore over (i, j). Resumes when interrupted."""
+    from pathlib import Path
+
+    from looplm import retrofit_search as rs
+    from looplm.evaluation import tasks
+
+    try:
+        size_list = rs.parse_ints(sizes, what="--sizes")
+        loop_list = rs.parse_ints(loops, what="--loops")
+        start_list = None if starts is None else rs.parse_ints(starts, what="--starts", minimum=0)
+        path, net, tok = _load(model, "float32", "cpu")
+        cands = rs.make_candidates(net.config.num_layers, sizes=size_list, loops=loop_list, starts=start_list)
+        the_task = tasks.load_task(task, data_dir=data_dir, shots=shots, seed=seed)
+        res = rs.search(net, tok, the_task, cands, limit=limit, holdout=limit if holdout is None else holdout,
+                        top_k=top_k, metric=metric, out=Path(out), batch_size=batch_size, shots=shots, seed=seed,
+                        progress=not json_out)
+    except ValueError as e:
+        _fail(str(e))
+    js, png = rs.write(res, Path(out))
+    if json_out:
+        print(json.dumps(res.to_dict()))
+        return
+    print(rs.table(res, rows=rows))
+    print(f"{res.scored_candidates} candidates × {res.probe_items} probe items in {res.seconds:.0f} s "
+          f"(+ {res.held_out_seconds:.0f} s held-out); wrote {js} and {png}")
 
 
 @app.command()
