@@ -267,12 +267,12 @@ def _split(p: Packed, flat: torch.Tensor) -> dict[str, list[float]]:
 
 
 @torch.inference_mode()
-def score_batch(model: LoopedLM, p: Packed, cands: Sequence[Candidate], *,
-                base: bool = True) -> dict[str, dict[str, list[float]]]:
+def score_batch(model: LoopedLM, p: Packed, cands: Sequence[Candidate], *, base: bool = True,
+                on_candidate: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """{candidate key (or BASE): {item id: log-likelihood of each choice}} for one packed batch.
 
     Loop 1 of block i..j-1 equals the unlooped layers, so loop r ≥ 2 starts from h[j]; the loops of
-    one block are run once for all its loop counts."""
+    one block are run once for all its loop counts. on_candidate is called after each one (progress)."""
     ctx = _context(model, p)
     h = unlooped_states(model, p, ctx)
     N = len(model.layers)
@@ -289,6 +289,8 @@ def score_batch(model: LoopedLM, p: Packed, cands: Sequence[Candidate], *,
                 x = model.layers[layer_idx](x, ctx, layer_idx, loop_idx)
             if loop_idx + 1 in loop_counts:
                 out[Candidate(i, j, loop_idx + 1).key] = _split(p, choice_logliks(model, p, x, ctx, j))
+                if on_candidate is not None:
+                    on_candidate()
     return out
 
 
@@ -365,10 +367,11 @@ def run(model: LoopedLM, items: Sequence[Encoded], cands: Sequence[Candidate], c
         bar = tqdm(total=total, desc=f"{desc} ({len(cands)} candidates × {len(items)} items)", unit="cand·item")
     t0 = time.perf_counter()
     for n, (g, need) in enumerate(todo):
-        cache.add(score_batch(model, pack(g, width=width), need))
-        cache.save()
+        tick = None if bar is None else (lambda n=len(g): bar.update(n))
         if bar is not None:
-            bar.update(len(g) * (1 + len(need)))
+            bar.update(len(g))  # the baseline (the unlooped forward every candidate reuses)
+        cache.add(score_batch(model, pack(g, width=width), need, on_candidate=tick))
+        cache.save()
         if on_batch is not None:
             on_batch(n)
     if bar is not None:
