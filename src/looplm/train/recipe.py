@@ -74,6 +74,7 @@ class PhaseConfig:
     warmup_steps: int = 100
     trainable: str = "all"  # all | gate (stage II: everything but the exit gate frozen)
     loss: LossConfig = field(default_factory=LossConfig)
+    difficulties: list[int] | None = None  # synthetic data: this phase's difficulties (a curriculum); None: data's
 
     def __post_init__(self) -> None:
         if self.steps < 1:

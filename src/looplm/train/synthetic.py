@@ -1,7 +1,7 @@
 """Synthetic multi-step reasoning tasks whose difficulty is a knob, generated offline from a seed.
 
     modarith   "3+4*2-5;6-1*6+2="  →  "21"      k operations per expression, applied left to right, mod 7
-    chain      "c=b,a=3,b=a,y=5;c=" →  "3"       follow k hops of variable assignments (statements shuffled)
+    chain      "c=b,a=3,b=a,y=5,x=y;cx=" →  "35"   follow k hops of variable assignments (statements shuffled)
 
 A problem holds `parts` independent sub-problems of the same difficulty and asks for all answers in a
 row, so the answer is several tokens: the first is read out at prefill, the next ones during decoding,
@@ -62,7 +62,7 @@ def _chain(rng: random.Random, k: int, names: list[str]) -> tuple[list[str], str
     return statements, names[k - 1], value
 
 
-def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 2) -> Problem:
+def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 1) -> Problem:
     """Problem `index` of the stream (task, seed): `parts` sub-problems of `difficulty` steps each."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
@@ -88,7 +88,8 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
     for name in names[parts * difficulty:]:  # distractor chains of one hop
         statements.append(f"{name}={rng.randrange(10)}")
     rng.shuffle(statements)
-    return Problem(",".join(statements) + ";" + ",".join(queries) + "=", "".join(answers), difficulty, task)
+    # queries back to back, then "=": answer i is predicted `parts` positions after query i, one fixed offset
+    return Problem(",".join(statements) + ";" + "".join(queries) + "=", "".join(answers), difficulty, task)
 
 
 def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tuple[int, ...], split: str,

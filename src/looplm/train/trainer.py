@@ -68,11 +68,14 @@ def build_model(recipe: Recipe, tokenizer) -> LoopedLM:
     return LoopedLM(LoopConfig(**fields))
 
 
-def build_source(recipe: Recipe, tokenizer):
+def build_source(recipe: Recipe, tokenizer, phase: PhaseConfig | None = None):
     d = recipe.data
     if d.kind == "synthetic":
-        return SyntheticSource(tokenizer, task=d.task, difficulties=d.difficulties, seq_len=d.seq_len,
+        diffs = phase.difficulties if phase is not None and phase.difficulties else d.difficulties
+        return SyntheticSource(tokenizer, task=d.task, difficulties=diffs, seq_len=d.seq_len,
                                seed=recipe.seed, parts=d.parts)
+    if phase is not None and phase.difficulties:
+        raise ValueError(f"phase {phase.name!r}: difficulties apply to synthetic data only (data.kind={d.kind!r})")
     return TextSource(tokenizer, paths=d.paths, seq_len=d.seq_len, seed=recipe.seed, text_field=d.text_field)
 
 
@@ -200,7 +203,7 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
-    source = build_source(recipe, tokenizer)
+    build_source(recipe, tokenizer)  # validate the data before anything runs
     val_source = None
     if recipe.data.kind == "text" and recipe.data.val_paths:
         val_source = TextSource(tokenizer, paths=recipe.data.val_paths, seq_len=recipe.data.seq_len, seed=recipe.seed + 1,
@@ -240,6 +243,7 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
             phase_begin = phase_end
             continue
         objective = LoopObjective(model, phase.loss)
+        source = build_source(recipe, tokenizer, phase)
         optimizer = _optimizer(model, phase, recipe)
         scheduler = _schedule(optimizer, phase)
         if restored is not None and restored[0]["phase"] == phase_idx:
