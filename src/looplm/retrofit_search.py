@@ -96,17 +96,6 @@ def make_candidates(num_layers: int, *, sizes: Sequence[int], loops: Sequence[in
     return sorted(out)
 
 
-def parse_block(text: str, num_layers: int) -> tuple[int, int]:
-    """"I:J" → (I, J) with 0 ≤ I < J ≤ num_layers."""
-    try:
-        i, j = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"block {text!r} must be I:J (two layer indices)") from None
-    if not 0 <= i < j <= num_layers:
-        raise ValueError(f"block {text!r} is not a block of this model's {num_layers} layers (need 0 ≤ I < J ≤ {num_layers})")
-    return i, j
-
-
 # --------------------------------------------------------------------------- probe items, packed
 
 
@@ -360,7 +349,7 @@ def run(model: LoopedLM, items: Sequence[Encoded], cands: Sequence[Candidate], c
         if need or cache.missing(BASE, ids):
             todo.append((g, need))
     bar = None
-    if progress:
+    if progress and todo:
         from tqdm import tqdm
 
         total = sum(len(g) * (1 + len(need)) for g, need in todo)
