@@ -300,6 +300,35 @@ def train(
     print(f"{res.steps} steps in {res.seconds:.0f} s; model → {res.model_dir}")
 
 
+@app.command()
+def demo(
+    model: Annotated[Optional[str], typer.Option(help="A looplm dir trained on a synthetic task; default: the bundled model.")] = None,
+    problems: Annotated[int, typer.Option(help="Held-out problems per difficulty.")] = 64,
+    exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy for the Q-exit table (default: the model card's).")] = None,
+    out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json.")] = "out/demo",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
+) -> None:
+    """The bundled looped model on held-out multi-hop problems: accuracy × loops × difficulty, mean loops
+    under Q-exit by difficulty, KV memory and speed per strategy; writes a PNG of the curves."""
+    from pathlib import Path
+
+    from looplm import demo as demo_mod
+
+    if problems < 1:
+        _fail(f"--problems must be ≥ 1, got {problems}")
+    try:
+        res = demo_mod.run_demo(model, per_difficulty=problems, exit=exit, progress=not json_out)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    png = demo_mod.plot(res, Path(out) / "demo.png")
+    (Path(out) / "demo.json").write_text(demo_mod.to_json(res) + "\n")
+    if json_out:
+        print(demo_mod.to_json(res))
+        return
+    print(demo_mod.format_tables(res))
+    print(f"\n{res.seconds:.0f} s; wrote {png} and {Path(out) / 'demo.json'}")
+
+
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
 app.add_typer(eval_app, name="eval")
 

@@ -80,7 +80,9 @@ class SyntheticSource:
 class TextSource:
     """Text files / JSONL packed into blocks of seq_len + 1 tokens; a batch samples blocks by (seed, step)."""
 
-    def __init__(self, tokenizer, *, paths: list[str], seq_len: int, seed: int, text_field: str = "text"):
+    def __init__(self, tokenizer, *, paths: list[str], seq_len: int, seed: int, text_field: str = "text",
+                 split: str = "all", val_fraction: float = 0.0):
+        """split "train" / "val": the first (1 − val_fraction) / the last val_fraction of the blocks."""
         if not paths:
             raise ValueError("data.paths is empty: give at least one .txt or .jsonl file")
         eos = tokenizer.eos_token_id
@@ -95,7 +97,15 @@ class TextSource:
         n_blocks = (len(stream) - 1) // seq_len
         if n_blocks < 1:
             raise ValueError(f"{paths}: {len(stream)} tokens are fewer than one block of seq_len={seq_len} + 1")
-        self.blocks = torch.tensor(stream[: n_blocks * seq_len + 1], dtype=torch.long)
+        first = 0
+        if split != "all":
+            if not 0 < val_fraction < 1:
+                raise ValueError(f"data.val_fraction must be in (0, 1) to hold out text, got {val_fraction}")
+            n_val = max(1, int(n_blocks * val_fraction))
+            if n_val >= n_blocks:
+                raise ValueError(f"{paths}: {n_blocks} blocks are too few to hold out {val_fraction:.0%}")
+            first, n_blocks = (0, n_blocks - n_val) if split == "train" else (n_blocks - n_val, n_val)
+        self.blocks = torch.tensor(stream[first * seq_len : (first + n_blocks) * seq_len + 1], dtype=torch.long)
         self.seq_len, self.seed, self.num_blocks = seq_len, seed, n_blocks
 
     def batch(self, step: int, batch_size: int, *, rank: int = 0, world: int = 1) -> Batch:

@@ -33,6 +33,7 @@ class DataConfig:
     parts: int = 2  # sub-problems per synthetic problem (answers in a row)
     paths: list[str] = field(default_factory=list)  # text: .txt / .jsonl files
     val_paths: list[str] = field(default_factory=list)  # text: held-out files for evaluation
+    val_fraction: float = 0.0  # text without val_paths: hold out the last fraction of the blocks
     text_field: str = "text"
     seq_len: int = 64
 
@@ -117,7 +118,8 @@ class Recipe:
     name: str = "run"
     seed: int = 0
     output_dir: str = "out/train/run"
-    tokenizer: str = "synthetic"  # "synthetic" (looplm's character tokenizer) or a model dir with tokenizer files
+    # "synthetic" (looplm's task tokenizer), "default" (SmolLM2's, = Ouro's), or a model dir with tokenizer files
+    tokenizer: str = "synthetic"
     init_from: str | None = None  # start from these weights (a looplm dir) instead of random init
     model: dict[str, Any] = field(default_factory=dict)  # LoopConfig fields; vocab_size defaults to the tokenizer's
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,7 +1,7 @@
 """Synthetic multi-step reasoning tasks whose difficulty is a knob, generated offline from a seed.
 
     modarith   "3+4*2-5;6-1*6+2="  →  "21"      k operations per expression, applied left to right, mod 7
-    chain      "c=b,a=3,b=a,y=5,x=y;cx=" →  "35"   follow k hops of variable assignments (statements shuffled)
+    chain      "c=b,a=3,b=a,y=5,x=y;cx?" →  "35"   follow k hops of variable assignments (statements shuffled)
 
 A problem holds `parts` independent sub-problems of the same difficulty and asks for all answers in a
 row, so the answer is several tokens: the first is read out at prefill, the next ones during decoding,
@@ -88,8 +88,8 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
     for name in names[parts * difficulty:]:  # distractor chains of one hop
         statements.append(f"{name}={rng.randrange(10)}")
     rng.shuffle(statements)
-    # queries back to back, then "=": answer i is predicted `parts` positions after query i, one fixed offset
-    return Problem(",".join(statements) + ";" + "".join(queries) + "=", "".join(answers), difficulty, task)
+    # queries back to back, then "?": answer i is predicted `parts` positions after query i, one fixed offset
+    return Problem(",".join(statements) + ";" + "".join(queries) + "?", "".join(answers), difficulty, task)
 
 
 def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tuple[int, ...], split: str,
@@ -113,13 +113,19 @@ def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tupl
     return out
 
 
+STATEMENTS = tuple(f"{v}={x}" for v in VARS for x in string.digits + VARS)
+STATEMENT_PATTERN = "[a-z]=[a-z0-9]|."
+
+
 def build_tokenizer():
-    """A character-level `PreTrainedTokenizerFast` over ALPHABET (pad=0, eos=1), saved with the model."""
+    """A `PreTrainedTokenizerFast` (pad=0, eos=1), saved with the model: one token per character of ALPHABET,
+    and one token per assignment "v=x" (26 × 36 words), so that one hop of a chain is one lookup of one
+    token (the key and the value live in the same embedding) — the loops do the hops, not the tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate((*SPECIALS, *ALPHABET))}
+    vocab = {tok: i for i, tok in enumerate((*SPECIALS, *ALPHABET, *STATEMENTS))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(STATEMENT_PATTERN), behavior="isolated")
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")

@@ -51,6 +51,10 @@ def build_tokenizer(recipe: Recipe):
     if recipe.tokenizer == "synthetic":
         return synthetic.build_tokenizer()
     try:
+        if recipe.tokenizer == "default":  # SmolLM2's (the Ouro tokenizer), from the default model
+            from ..checkpoint import default_model_dir
+
+            return load_tokenizer(default_model_dir())
         return load_tokenizer(recipe.tokenizer)
     except CheckpointError as e:
         raise ValueError(f"tokenizer: {e}") from None
@@ -76,7 +80,9 @@ def build_source(recipe: Recipe, tokenizer, phase: PhaseConfig | None = None):
                                seed=recipe.seed, parts=d.parts)
     if phase is not None and phase.difficulties:
         raise ValueError(f"phase {phase.name!r}: difficulties apply to synthetic data only (data.kind={d.kind!r})")
-    return TextSource(tokenizer, paths=d.paths, seq_len=d.seq_len, seed=recipe.seed, text_field=d.text_field)
+    split = "train" if d.val_fraction and not d.val_paths else "all"
+    return TextSource(tokenizer, paths=d.paths, seq_len=d.seq_len, seed=recipe.seed, text_field=d.text_field,
+                      split=split, val_fraction=d.val_fraction)
 
 
 def loops_for_step(recipe: Recipe, step: int) -> tuple[int, int]:
@@ -205,9 +211,13 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     model = build_model(recipe, tokenizer)
     build_source(recipe, tokenizer)  # validate the data before anything runs
     val_source = None
-    if recipe.data.kind == "text" and recipe.data.val_paths:
-        val_source = TextSource(tokenizer, paths=recipe.data.val_paths, seq_len=recipe.data.seq_len, seed=recipe.seed + 1,
-                                text_field=recipe.data.text_field)
+    d = recipe.data
+    if d.kind == "text" and d.val_paths:
+        val_source = TextSource(tokenizer, paths=d.val_paths, seq_len=d.seq_len, seed=recipe.seed + 1,
+                                text_field=d.text_field)
+    elif d.kind == "text" and d.val_fraction:
+        val_source = TextSource(tokenizer, paths=d.paths, seq_len=d.seq_len, seed=recipe.seed + 1,
+                                text_field=d.text_field, split="val", val_fraction=d.val_fraction)
     max_loops = recipe.loops.num_loops if recipe.loops.sampling == "fixed" else recipe.loops.high
 
     start_step, restored = 0, None
