@@ -48,6 +48,13 @@ class DemoResult:
     seconds: float = 0.0
 
 
+def heldout_problems(meta: dict[str, Any], difficulty: int, *, count: int, seed: int) -> list[synthetic.Problem]:
+    """Held-out problems of one difficulty in the model's task format (looplm_task.json)."""
+    return synthetic.problems(meta["task"], seed=seed, count=count, difficulties=[difficulty], split="heldout",
+                              parts=meta.get("parts", 2), variables=meta.get("variables", 26),
+                              digits=meta.get("digits", 1))
+
+
 def _meta(path: Path) -> dict[str, Any]:
     card = path / "looplm_task.json"
     return json.loads(card.read_text()) if card.is_file() else {}
@@ -85,8 +92,7 @@ def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 64, e
     model, tok = load(path), load_tokenizer(path)
     task, diffs, R = meta["task"], list(meta["difficulties"]), model.config.num_loops
     exit = exit or meta.get("exit", f"q:0.5,max={R}")
-    by_diff = {d: synthetic.problems(task, seed=seed, count=per_difficulty, difficulties=[d], split="heldout",
-                                     parts=meta.get("parts", 2)) for d in diffs}
+    by_diff = {d: heldout_problems(meta, d, count=per_difficulty, seed=seed) for d in diffs}
     jobs = len(diffs) * (R + 1) + 3
     bar = tqdm(total=jobs, disable=not progress, desc="demo", leave=False)
     accuracy: dict[str, list[float]] = {}
@@ -115,12 +121,14 @@ def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 64, e
 
 
 def format_tables(res: DemoResult) -> str:
-    lines = [f"{res.task}: {res.problems_per_difficulty} held-out problems per difficulty (hops); greedy answers",
+    unit = "hops" if res.task == "chain" else "ops"
+    lines = [f"{res.task}: {res.problems_per_difficulty} held-out problems per difficulty ({unit}); greedy answers, "
+             "exact match",
              "", "accuracy by loops (per_loop KV)"]
-    lines.append("hops  " + "".join(f"  R={r:<4d}" for r in res.loops))
+    lines.append(f"{unit:>4}  " + "".join(f"  R={r:<4d}" for r in res.loops))
     for d in res.difficulties:
         lines.append(f"{d:>4}  " + "".join(f"  {a:6.1%}" for a in res.accuracy[str(d)]))
-    lines += ["", f"exit {res.exit_policy} (cap R={res.loops[-1]})", "hops  accuracy  mean loops"]
+    lines += ["", f"exit {res.exit_policy} (cap R={res.loops[-1]})", f"{unit:>4}  accuracy  mean loops"]
     for d in res.difficulties:
         lines.append(f"{d:>4}  {res.exit_accuracy[str(d)]:8.1%}  {res.exit_mean_loops[str(d)]:10.2f}")
     lines += ["", f"KV strategies at R={res.loops[-1]} (all problems)", "strategy   accuracy  KV B/token  decode tok/s"]
@@ -135,9 +143,10 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unit = "hops" if res.task == "chain" else "ops"
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for d in res.difficulties:
-        a.plot(res.loops, [100 * x for x in res.accuracy[str(d)]], marker="o", label=f"{d} hops")
+        a.plot(res.loops, [100 * x for x in res.accuracy[str(d)]], marker="o", label=f"{d} {unit}")
     a.set(xlabel="loops R", ylabel="held-out accuracy (%)", title="Deeper is better, most on hard problems",
           xticks=res.loops, ylim=(0, 102))
     a.legend(fontsize=8)
@@ -145,7 +154,7 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     b.bar([str(d) for d in hops], [res.exit_mean_loops[str(d)] for d in hops], color="tab:blue")
     for i, d in enumerate(hops):
         b.text(i, res.exit_mean_loops[str(d)] + 0.05, f"{res.exit_accuracy[str(d)]:.0%}", ha="center", fontsize=8)
-    b.set(xlabel="hops", ylabel="mean loops per answer token", ylim=(0, res.loops[-1] + 0.5),
+    b.set(xlabel=unit, ylabel="mean loops per answer token", ylim=(0, res.loops[-1] + 0.5),
           title=f"{res.exit_policy}: harder problems loop longer (label: accuracy)")
     fig.tight_layout()
     path = Path(path)

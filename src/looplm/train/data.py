@@ -46,14 +46,16 @@ def encode_problem(tokenizer, problem: synthetic.Problem) -> tuple[list[int], li
 class SyntheticSource:
     """Problems of `task` with difficulty drawn uniformly from `difficulties`, training split only."""
 
-    def __init__(self, tokenizer, *, task: str, difficulties: list[int], seq_len: int, seed: int, parts: int = 2):
+    def __init__(self, tokenizer, *, task: str, difficulties: list[int], seq_len: int, seed: int, parts: int = 2,
+                 variables: int = 26, digits: int = 1):
         if task not in synthetic.TASKS:
             raise ValueError(f"data.task={task!r} is not one of {list(synthetic.TASKS)}")
         if not difficulties or min(difficulties) < 1:
             raise ValueError(f"data.difficulties must be a non-empty list of integers ≥ 1, got {difficulties}")
         self.tokenizer, self.task, self.difficulties = tokenizer, task, list(difficulties)
-        self.seq_len, self.seed, self.parts = seq_len, seed, parts
-        longest = synthetic.make_problem(task, max(difficulties), seed, 0, parts=parts)
+        self.seq_len, self.seed, self.parts, self.variables, self.digits = seq_len, seed, parts, variables, digits
+        longest = synthetic.make_problem(task, max(difficulties), seed, 0, parts=parts, variables=variables,
+                                         digits=digits)
         n = len(encode_problem(tokenizer, longest)[0])
         if n > seq_len:
             raise ValueError(f"data.seq_len={seq_len} is shorter than a difficulty-{max(difficulties)} problem ({n} tokens)")
@@ -67,7 +69,8 @@ class SyntheticSource:
             rng = random.Random(f"batch:{self.seed}:{step}:{row}")
             while True:  # draw until the prompt falls in the training split (9 in 10 do)
                 d = rng.choice(self.difficulties)
-                p = synthetic.make_problem(self.task, d, self.seed, rng.getrandbits(48), parts=self.parts)
+                p = synthetic.make_problem(self.task, d, self.seed, rng.getrandbits(48), parts=self.parts,
+                                           variables=self.variables, digits=self.digits)
                 if not synthetic.is_heldout(p.prompt):
                     break
             x, y = encode_problem(self.tokenizer, p)

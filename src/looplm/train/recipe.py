@@ -31,6 +31,8 @@ class DataConfig:
     task: str = "chain"  # synthetic: a looplm.train.synthetic task
     difficulties: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     parts: int = 2  # sub-problems per synthetic problem (answers in a row)
+    variables: int = 26  # chain: variable names drawn from the first N letters
+    digits: int = 1  # chain: digits of each value (the answer's length)
     paths: list[str] = field(default_factory=list)  # text: .txt / .jsonl files
     val_paths: list[str] = field(default_factory=list)  # text: held-out files for evaluation
     val_fraction: float = 0.0  # text without val_paths: hold out the last fraction of the blocks

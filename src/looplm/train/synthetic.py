@@ -2,6 +2,7 @@
 
     modarith   "3+4*2-5;6-1*6+2="  →  "21"      k operations per expression, applied left to right, mod 7
     chain      "c=b,a=3,b=a,y=5,x=y;cx?" →  "35"   follow k hops of variable assignments (statements shuffled)
+               "c=b,a=37,b=a,y=52;c"     →  "37"   one query, two-digit values (digits=2, parts=1)
 
 A problem holds `parts` independent sub-problems of the same difficulty and asks for all answers in a
 row, so the answer is several tokens: the first is read out at prefill, the next ones during decoding,
@@ -55,15 +56,24 @@ def _modarith(rng: random.Random, k: int) -> tuple[str, str]:
     return text, str(value)
 
 
-def _chain(rng: random.Random, k: int, names: list[str]) -> tuple[list[str], str, str]:
-    """k hops: names[k-1] = names[k-2] = ... = names[0] = digit. Returns (statements, query, answer)."""
-    value = str(rng.randrange(10))
+def _number(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
+
+
+def _chain(rng: random.Random, k: int, names: list[str], digits: int = 1) -> tuple[list[str], str, str]:
+    """k hops: names[k-1] = names[k-2] = ... = names[0] = a number. Returns (statements, query, answer)."""
+    value = _number(rng, digits)
     statements = [f"{names[0]}={value}"] + [f"{names[i]}={names[i - 1]}" for i in range(1, k)]
     return statements, names[k - 1], value
 
 
-def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 1) -> Problem:
-    """Problem `index` of the stream (task, seed): `parts` sub-problems of `difficulty` steps each."""
+def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 2,
+                 variables: int = 26, digits: int = 1) -> Problem:
+    """Problem `index` of the stream (task, seed): `parts` sub-problems of `difficulty` steps each.
+
+    chain: variable names are drawn from the first `variables` letters (fewer names: fewer assignment
+    tokens to learn); values have `digits` digits; with one part the prompt ends with the query variable
+    itself ("...;l" → "42"), so the first answer token is predicted at the query's own position."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if difficulty < 1:
@@ -74,26 +84,30 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
     if task == "modarith":
         pieces = [_modarith(rng, difficulty) for _ in range(parts)]
         return Problem(";".join(p for p, _ in pieces) + "=", "".join(a for _, a in pieces), difficulty, task)
+    if not 1 <= variables <= len(VARS):
+        raise ValueError(f"variables must be in [1, {len(VARS)}], got {variables}")
     need = parts * difficulty + distractors
-    if need > len(VARS):
+    if need > variables:
         raise ValueError(f"chain: {parts} parts × {difficulty} hops + {distractors} distractors need {need} "
-                         f"variables; only {len(VARS)} exist")
-    names = rng.sample(VARS, need)
+                         f"variables; only {variables} are allowed")
+    names = rng.sample(VARS[:variables], need)
     statements, queries, answers = [], [], []
     for p in range(parts):
-        st, q, a = _chain(rng, difficulty, names[p * difficulty:(p + 1) * difficulty])
+        st, q, a = _chain(rng, difficulty, names[p * difficulty:(p + 1) * difficulty], digits)
         statements += st
         queries.append(q)
         answers.append(a)
     for name in names[parts * difficulty:]:  # distractor chains of one hop
-        statements.append(f"{name}={rng.randrange(10)}")
+        statements.append(f"{name}={_number(rng, digits)}")
     rng.shuffle(statements)
+    if parts == 1:
+        return Problem(",".join(statements) + ";" + queries[0], answers[0], difficulty, task)
     # queries back to back, then "?": answer i is predicted `parts` positions after query i, one fixed offset
     return Problem(",".join(statements) + ";" + "".join(queries) + "?", "".join(answers), difficulty, task)
 
 
 def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tuple[int, ...], split: str,
-             start: int = 0, parts: int = 2) -> list[Problem]:
+             start: int = 0, parts: int = 2, variables: int = 26, digits: int = 1) -> list[Problem]:
     """`count` problems of the split ("train" or "heldout"), difficulties cycling through the list.
 
     Candidates are drawn at indices start, start+1, ... and kept when their prompt hash falls in the split.
@@ -106,7 +120,7 @@ def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tupl
     index = start
     while len(out) < count:
         d = difficulties[len(out) % len(difficulties)]
-        p = make_problem(task, d, seed, index, parts=parts)
+        p = make_problem(task, d, seed, index, parts=parts, variables=variables, digits=digits)
         index += 1
         if is_heldout(p.prompt) == (split == "heldout"):
             out.append(p)

@@ -77,7 +77,7 @@ def build_source(recipe: Recipe, tokenizer, phase: PhaseConfig | None = None):
     if d.kind == "synthetic":
         diffs = phase.difficulties if phase is not None and phase.difficulties else d.difficulties
         return SyntheticSource(tokenizer, task=d.task, difficulties=diffs, seq_len=d.seq_len,
-                               seed=recipe.seed, parts=d.parts)
+                               seed=recipe.seed, parts=d.parts, variables=d.variables, digits=d.digits)
     if phase is not None and phase.difficulties:
         raise ValueError(f"phase {phase.name!r}: difficulties apply to synthetic data only (data.kind={d.kind!r})")
     split = "train" if d.val_fraction and not d.val_paths else "all"
@@ -112,10 +112,11 @@ def student_for_step(recipe: Recipe, step: int, R: int) -> int | None:
 
 @torch.no_grad()
 def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int, max_loops: int) -> dict[str, Any]:
-    """Held-out accuracy (all answer tokens right, teacher-forced argmax) per loop count and difficulty."""
+    """Held-out accuracy (the share of a problem's answers right, teacher-forced argmax) per loop count and
+    difficulty."""
     d = recipe.data
     probs = synthetic.problems(d.task, seed=recipe.seed + 1, count=count, difficulties=d.difficulties,
-                               split="heldout", parts=d.parts)
+                               split="heldout", parts=d.parts, variables=d.variables, digits=d.digits)
     enc = [encode_problem(tokenizer, p) for p in probs]
     L = max(len(x) for x, _ in enc)
     ids = torch.full((len(enc), L), tokenizer.pad_token_id, dtype=torch.long)
@@ -128,10 +129,11 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     model.train(was_training)
     labels = labels.to(model.device)
     answer = (labels != losses.IGNORE_INDEX) & (labels != tokenizer.eos_token_id)
-    right = ((out.loop_logits.argmax(-1) == labels[None]) | ~answer[None]).all(-1)  # (R, N)
+    hit = (out.loop_logits.argmax(-1) == labels[None]) & answer[None]  # (R, N, S)
+    right = hit.sum(-1).float() / answer.sum(-1).clamp(min=1)  # (R, N): share of the answers right
     diff = torch.tensor([p.difficulty for p in probs], device=right.device)
-    acc = {f"acc@{r + 1}": round(right[r].float().mean().item(), 4) for r in range(max_loops)}
-    by_diff = {str(k): [round(right[r][diff == k].float().mean().item(), 4) for r in range(max_loops)]
+    acc = {f"acc@{r + 1}": round(right[r].mean().item(), 4) for r in range(max_loops)}
+    by_diff = {str(k): [round(right[r][diff == k].mean().item(), 4) for r in range(max_loops)]
                for k in d.difficulties}
     result = {**acc, "acc_by_difficulty": by_diff}
     if out.exit_pdf is not None:
