@@ -303,7 +303,7 @@ def train(
 @app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="A looplm dir trained on a synthetic task; default: the bundled model.")] = None,
-    problems: Annotated[int, typer.Option(help="Held-out problems per difficulty.")] = 64,
+    problems: Annotated[int, typer.Option(help="Held-out problems per difficulty.")] = 128,
     exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy for the Q-exit table (default: the model card's).")] = None,
     out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json.")] = "out/demo",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,

@@ -79,7 +79,7 @@ def _solve(model, tok, probs, *, batch_size: int, **budget) -> tuple[list[bool],
                           "decode_tokens_per_s": n_decode / t_decode if t_decode else float("nan")}
 
 
-def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 64, exit: str | None = None,
+def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 128, exit: str | None = None,
              batch_size: int = 64, seed: int = 12345, progress: bool = True) -> DemoResult:
     """Evaluate the (bundled) model; `exit` defaults to the threshold its model card recommends."""
     from tqdm.auto import tqdm
@@ -147,7 +147,7 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for d in res.difficulties:
         a.plot(res.loops, [100 * x for x in res.accuracy[str(d)]], marker="o", label=f"{d} {unit}")
-    a.set(xlabel="loops R", ylabel="held-out accuracy (%)", title="Deeper is better, most on hard problems",
+    a.set(xlabel="loops R", ylabel="held-out accuracy (%)", title="Held-out accuracy vs loops, by difficulty",
           xticks=res.loops, ylim=(0, 102))
     a.legend(fontsize=8)
     hops = res.difficulties
@@ -155,7 +155,7 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     for i, d in enumerate(hops):
         b.text(i, res.exit_mean_loops[str(d)] + 0.05, f"{res.exit_accuracy[str(d)]:.0%}", ha="center", fontsize=8)
     b.set(xlabel=unit, ylabel="mean loops per answer token", ylim=(0, res.loops[-1] + 0.5),
-          title=f"{res.exit_policy}: harder problems loop longer (label: accuracy)")
+          title=f"Mean loops under {res.exit_policy} (label: accuracy)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,19 +86,20 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
         return Problem(";".join(p for p, _ in pieces) + "=", "".join(a for _, a in pieces), difficulty, task)
     if not 1 <= variables <= len(VARS):
         raise ValueError(f"variables must be in [1, {len(VARS)}], got {variables}")
-    need = parts * difficulty + distractors
+    # distractors are whole chains of the same length: had they been bare constants, "the constant whose
+    # name is referenced" would reveal the answer without following a single hop
+    need = (parts + distractors) * difficulty
     if need > variables:
-        raise ValueError(f"chain: {parts} parts × {difficulty} hops + {distractors} distractors need {need} "
+        raise ValueError(f"chain: ({parts} parts + {distractors} distractor chains) × {difficulty} hops need {need} "
                          f"variables; only {variables} are allowed")
     names = rng.sample(VARS[:variables], need)
     statements, queries, answers = [], [], []
-    for p in range(parts):
-        st, q, a = _chain(rng, difficulty, names[p * difficulty:(p + 1) * difficulty], digits)
+    for c in range(parts + distractors):
+        st, q, a = _chain(rng, difficulty, names[c * difficulty:(c + 1) * difficulty], digits)
         statements += st
-        queries.append(q)
-        answers.append(a)
-    for name in names[parts * difficulty:]:  # distractor chains of one hop
-        statements.append(f"{name}={_number(rng, digits)}")
+        if c < parts:
+            queries.append(q)
+            answers.append(a)
     rng.shuffle(statements)
     if parts == 1:
         return Problem(",".join(statements) + ";" + queries[0], answers[0], difficulty, task)

@@ -1,0 +1,79 @@
+"""`looplm demo` on the bundled model: it runs, its tables have the reported shape, and the numbers agree
+with a direct check (the bundled model's answers recomputed by hand with a cache-free forward)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import looplm
+from looplm import demo
+from looplm.train import synthetic
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return demo.bundled_model_dir()
+
+
+def test_bundled_model_is_small_and_loads(bundled):
+    size = sum(p.stat().st_size for p in bundled.iterdir() if p.is_file())
+    assert size <= 10 * 2**20
+    model = looplm.load(bundled)
+    assert model.config.exit_gate and model.config.num_loops >= 2
+    meta = json.loads((bundled / "looplm_task.json").read_text())
+    assert meta["task"] in synthetic.TASKS
+    assert (bundled / "README.md").is_file()  # the model card
+
+
+def test_demo_tables_have_the_reported_shape(bundled):
+    res = demo.run_demo(per_difficulty=4, progress=False)
+    R = looplm.load(bundled).config.num_loops
+    assert res.loops == list(range(1, R + 1))
+    assert set(res.accuracy) == {str(d) for d in res.difficulties}
+    assert all(len(row) == R and all(0 <= a <= 1 for a in row) for row in res.accuracy.values())
+    assert set(res.exit_mean_loops) == set(res.accuracy)
+    assert all(1 <= v <= R for v in res.exit_mean_loops.values())
+    assert list(res.kv) == ["per_loop", "last", "mean", "first"]
+    per_loop, last = res.kv["per_loop"]["kv_bytes_per_token"], res.kv["last"]["kv_bytes_per_token"]
+    assert last < per_loop
+    text = demo.format_tables(res)
+    assert text.count("\n") > 3 * len(res.difficulties)
+
+
+def test_demo_accuracy_matches_a_cache_free_check(bundled):
+    """Greedy answers decoded token by token with full forwards (no cache) give the demo's accuracy."""
+    model, tok = looplm.load(bundled), looplm.load_tokenizer(bundled)
+    meta = json.loads((bundled / "looplm_task.json").read_text())
+    d = meta["difficulties"][-1]
+    probs = demo.heldout_problems(meta, d, count=6, seed=12345)
+    R = model.config.num_loops
+    right = 0
+    for p in probs:
+        ids = tok.encode(p.prompt, add_special_tokens=False)
+        for _ in range(len(p.answer)):
+            logits = model(torch.tensor([ids]), num_loops=R).logits[0, -1]
+            ids.append(int(logits.argmax()))
+        right += tok.decode(ids[-len(p.answer):]) == p.answer
+    res = demo.run_demo(per_difficulty=6, progress=False)
+    assert res.accuracy[str(d)][-1] == pytest.approx(right / len(probs))
+
+
+def test_cli_demo_writes_png_and_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--problems", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "accuracy by loops" in proc.stdout and "KV strategies" in proc.stdout
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["problems_per_difficulty"] == 3
+
+
+def test_cli_demo_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--problems", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--problems must be ≥ 1, got 0" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--model", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "looplm_task.json" in proc.stderr
