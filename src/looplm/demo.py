@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import load, load_tokenizer
 from .engine import generate
 from .train import synthetic
@@ -166,7 +164,3 @@ def plot(res: DemoResult, path: str | Path) -> Path:
 
 def to_json(res: DemoResult) -> str:
     return json.dumps(asdict(res))
-
-
-def set_threads() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))

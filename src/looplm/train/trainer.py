@@ -211,7 +211,7 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
-    build_source(recipe, tokenizer)  # validate the data before anything runs
+    base_source = build_source(recipe, tokenizer)  # built (text: tokenized) once; validates the data up front
     val_source = None
     d = recipe.data
     if d.kind == "text" and d.val_paths:
@@ -255,7 +255,7 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
             phase_begin = phase_end
             continue
         objective = LoopObjective(model, phase.loss)
-        source = build_source(recipe, tokenizer, phase)
+        source = build_source(recipe, tokenizer, phase) if phase.difficulties else base_source
         optimizer = _optimizer(model, phase, recipe)
         scheduler = _schedule(optimizer, phase)
         if restored is not None and restored[0]["phase"] == phase_idx:
