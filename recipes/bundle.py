@@ -36,7 +36,7 @@ def main() -> None:
             shutil.copy2(src / name, dst / name)
     d = recipe.data
     meta = {"task": d.task, "difficulties": d.difficulties, "parts": d.parts, "variables": d.variables,
-            "digits": d.digits, "exit": args.exit, "recipe": Path(args.recipe).name, "seed": recipe.seed}
+            "digits": d.digits, "distractors": d.distractors, "exit": args.exit, "recipe": Path(args.recipe).name, "seed": recipe.seed}
     (dst / "looplm_task.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = sum(p.stat().st_size for p in dst.iterdir() if p.is_file())
     print(f"{dst}: {size / 2**20:.2f} MiB")

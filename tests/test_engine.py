@@ -128,6 +128,25 @@ def test_scoring_through_the_cache_equals_one_forward():
     assert shared.logprobs[0][1:] != pytest.approx(fast.logprobs[0][1:], abs=1e-5)
 
 
+def test_partly_forced_rows_answer_in_turns():
+    """force with None entries: the model answers there (greedy), the rest is given; it equals a cache-free
+    greedy forward that appends the given tokens."""
+    model = tiny_model()
+    prompts = [[5, 9, 2, 44], [7, 3]]
+    force = [[None, 12, None, None, 30, None], [None, None, 17]]
+    res = looplm.generate(model, prompts, force=force, stop_tokens=[])
+    for prompt, f, got in zip(prompts, force, res.new_tokens):
+        seq = list(prompt)
+        with torch.no_grad():
+            for t in f:
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()) if t is None else t)
+        assert got == seq[len(prompt):]
+        assert [g for g, t in zip(got, f) if t is not None] == [t for t in f if t is not None]
+    assert res.loops_per_token.shape == (2, 6) and res.loops_per_token[1, 3:].eq(0).all()
+    with pytest.raises(ValueError, match=r"forced tokens of row 0.*\[99\]"):
+        looplm.generate(model, [[1, 2]], force=[[None, 99]])
+
+
 def test_bad_ids_and_masks_are_clear_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"continuation 0.*\[61\]"):

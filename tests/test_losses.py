@@ -157,6 +157,27 @@ def test_objective_matches_the_model_forward():
     torch.testing.assert_close(out.ce, (ce * mask).sum((1, 2)) / mask.sum())
 
 
+def test_hop_targets_train_loop_r_on_the_rth_intermediate():
+    """loss.hop_targets: loop r's CE is taken against hop row min(r, H) − 1; the logged CE stays on the answer."""
+    model = _tiny()
+    ids, labels = _batch()
+    g = torch.Generator().manual_seed(3)
+    hops = torch.randint(0, 11, (2, *labels.shape), generator=g)  # H = 2 rows, loops 2 and 3 share row 1
+    hops[:, labels == -100] = -100
+    out = LoopObjective(model, LossConfig(stage="per_loop", hop_targets=True))(ids, labels, num_loops=3,
+                                                                              hop_labels=hops)
+    ref = model(ids, num_loops=3, return_loops=True).loop_logits
+    mask = labels != -100
+    want = sum((losses.per_loop_ce(ref[r : r + 1], hops[min(r, 1)])[0] * mask).sum() for r in range(3))
+    torch.testing.assert_close(out.loss, want / (3 * mask.sum()))
+    ce = losses.per_loop_ce(ref, labels)
+    torch.testing.assert_close(out.ce, (ce * mask).sum((1, 2)) / mask.sum())
+    with pytest.raises(ValueError, match="needs hop labels"):
+        LoopObjective(model, LossConfig(stage="per_loop", hop_targets=True))(ids, labels, num_loops=3)
+    with pytest.raises(ValueError, match="hop_targets applies to stage 'per_loop' only"):
+        LossConfig(stage="stage1", hop_targets=True)
+
+
 def test_truncated_backprop_leaves_first_loops_without_graph():
     model = _tiny()
     ids, labels = _batch()

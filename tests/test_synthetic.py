@@ -1,20 +1,33 @@
 """Synthetic tasks: answers checked by an independent solver, determinism, the split, the tokenizer."""
 
+import re
+
 import pytest
 
 from looplm.train import synthetic
 
 
-def solve_chain(prompt: str) -> str:
-    body, _, queries = prompt.partition(";")
-    env = dict(s.split("=") for s in body.split(","))
-    out = []
-    for q in queries.rstrip("?"):
-        v = q
-        while not v.isdigit():
-            v = env[v]
-        out.append(v)
-    return "".join(out)
+def parse_chain(prompt: str) -> tuple[dict[str, str], str]:
+    body, _, query = prompt.partition(";")
+    pairs = re.findall(r"([a-z])=([a-z]|[0-9]+)", body)
+    assert "".join(f"{k}={v}" for k, v in pairs) == body  # statements back to back, nothing else
+    return dict(pairs), query
+
+
+def solve_chain(problem) -> str:
+    """The answer from the prompt and the given queries only: each value follows its query."""
+    env, query = parse_chain(problem.prompt)
+    out = ""
+    for text, predicted in problem.segments():
+        if predicted:
+            v = query
+            while not v.isdigit():
+                v = env[v]
+            out += v
+        else:
+            query = text
+            out += text
+    return out
 
 
 def solve_modarith(prompt: str) -> str:
@@ -27,20 +40,28 @@ def solve_modarith(prompt: str) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("parts,digits", [(1, 2), (2, 1), (3, 1)])
-def test_chain_answers_and_hops(parts, digits):
+@pytest.mark.parametrize("parts,digits,distractors", [(1, 2, 2), (2, 1, 2), (3, 1, 0)])
+def test_chain_answers_and_hops(parts, digits, distractors):
     for k in range(1, 5):
         for i in range(20):
-            p = synthetic.make_problem("chain", k, 0, i, parts=parts, digits=digits, variables=26)
-            assert solve_chain(p.prompt) == p.answer
-            assert len(p.answer) == parts * digits
-            body, _, queries = p.prompt.partition(";")
-            env = dict(s.split("=") for s in body.split(","))
-            for q in queries.rstrip("?"):  # every query is exactly k hops from its value
+            p = synthetic.make_problem("chain", k, 0, i, parts=parts, digits=digits, variables=26,
+                                       distractors=distractors)
+            assert solve_chain(p) == p.answer
+            env, first = parse_chain(p.prompt)
+            assert len(env) == (parts + distractors) * k
+            queries = [first] + [p.answer[j] for j in p.given]
+            assert len(set(queries)) == parts and len(p.answer) == parts * digits + parts - 1
+            for q in queries:  # every query is exactly k hops from its value
                 hops, v = 0, q
                 while not v.isdigit():
                     v, hops = env[v], hops + 1
                 assert hops == k
+
+
+def test_chain_segments():
+    p = synthetic.Problem("a=3b=a;b", "3c5", 1, "chain", given=(1,))
+    assert p.segments() == [("3", True), ("c", False), ("5", True)]
+    assert synthetic.Problem("x", "12", 1, "modarith").segments() == [("12", True)]
 
 
 def test_modarith_answers():
@@ -71,6 +92,8 @@ def test_bad_arguments_name_the_value():
         synthetic.make_problem("chain", 0, 0, 0)
     with pytest.raises(ValueError, match="only 5 are allowed"):
         synthetic.make_problem("chain", 4, 0, 0, parts=2, variables=5)
+    with pytest.raises(ValueError, match="distractors must be ≥ 0, got -1"):
+        synthetic.make_problem("chain", 1, 0, 0, distractors=-1)
     with pytest.raises(ValueError, match="split must be"):
         synthetic.problems("chain", seed=0, count=1, difficulties=[1], split="test")
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 from looplm.checkpoint import CheckpointError
 from looplm.train import fit, load_recipe
 from looplm.train import state as ckpt
-from looplm.train.data import SyntheticSource, TextSource
-from looplm.train.synthetic import build_tokenizer
+from looplm.train.data import SyntheticSource, TextSource, encode_hops, encode_problem
+from looplm.train.synthetic import Problem, build_tokenizer, make_problem
 
 TINY = """
 name: tiny
@@ -95,6 +96,33 @@ def test_batches_are_a_function_of_the_step_and_split_by_rank():
 
 
 # --------------------------------------------------------------------------- runs
+
+
+def test_problem_targets_are_the_answers_and_eos_not_the_given_queries():
+    tok = build_tokenizer()
+    p = Problem("a=3b=7c=a;c", "3b7", 2, "chain", given=(1,))
+    ids, labels = encode_problem(tok, p)
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces == ["a=3", "b=7", "c=a", ";", "c", "3", "b", "7", "<eos>"]
+    shown = [tok.decode([t]) if t >= 0 else "_" for t in labels]
+    # the label at t is token t + 1: "3" is predicted at the query "c", "7" at the given query "b"
+    assert shown == ["_", "_", "_", "_", "3", "_", "7", "<eos>", "_"]
+
+
+def test_hop_labels_hold_the_intermediate_variables():
+    tok = build_tokenizer()
+    p = make_problem("chain", 3, 0, 3, parts=2, distractors=2, variables=16)
+    ids, labels = encode_problem(tok, p)
+    rows = encode_hops(tok, p, labels, 4)
+    env = dict(re.findall(r"([a-z])=([a-z0-9])", p.prompt))
+    starts = [t for t, y in enumerate(labels) if y >= 0 and y != tok.eos_token_id]
+    queries = [p.prompt[-1]] + [p.answer[j] for j in p.given]
+    for t, q in zip(starts, queries):
+        v = q
+        for h in range(4):  # hop h + 1 from the query; after the value is reached it stays
+            v = env.get(v, v)
+            assert tok.decode([rows[h][t]]) == v
+    assert all(rows[h][t] == labels[t] for h in range(4) for t in range(len(labels)) if t not in starts)
 
 
 def test_short_run_lowers_the_loss(tmp_path):

@@ -130,6 +130,8 @@ class GenerateResult:
 
 # --------------------------------------------------------------------------- the loop
 
+_PAST_FORCE = -2  # `force` padding after a row's last entry (-1 marks a position the model samples)
+
 
 def _clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
@@ -160,10 +162,12 @@ class Generation:
         seed: int | Sequence[int] | None = None,
         stop_tokens: Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        force: Sequence[Sequence[int]] | None = None,
+        force: Sequence[Sequence[int | None]] | None = None,
     ):
         """force: per row, the tokens to emit instead of sampling (teacher forcing, for scoring); a
-        row finishes after its forced tokens."""
+        row finishes after its forced tokens. An entry None (or -1) is left to the model: it samples
+        there as usual, so a row can mix given tokens (the next question of a dialogue) with its own
+        answers, all through one KV cache."""
         self.model = model
         cfg = model.config
         self.num_loops, self.policy = model.resolve_budget(num_loops, exit)
@@ -198,11 +202,12 @@ class Generation:
         if force is not None:
             if len(force) != B or any(len(f) == 0 for f in force):
                 raise ValueError(f"force needs one non-empty token list per prompt ({B}), got {len(force)}")
-            check_token_ids(force, vocab, "forced tokens of row")
-            max_new_tokens = max(len(f) for f in force)
-            self.force = torch.full((B, max_new_tokens), -1, dtype=torch.long)
-            for i, f in enumerate(force):
-                self.force[i, : len(f)] = torch.as_tensor(list(f), dtype=torch.long)
+            rows = [[-1 if t is None else int(t) for t in f] for f in force]
+            check_token_ids([[t for t in f if t != -1] for f in rows], vocab, "forced tokens of row")
+            max_new_tokens = max(len(f) for f in rows)
+            self.force = torch.full((B, max_new_tokens), _PAST_FORCE, dtype=torch.long)
+            for i, f in enumerate(rows):
+                self.force[i, : len(f)] = torch.as_tensor(f, dtype=torch.long)
             self.force = self.force.to(model.device)
         limit, longest = cfg.max_position_embeddings, int(mask.sum(1).max())  # a row's positions count its tokens
         if longest > limit:
@@ -264,8 +269,13 @@ class Generation:
                 tokens = sample(logits, generators=self.generators, **self.sampling)
                 stops = torch.isin(tokens, self.stop)
             else:
-                tokens = self.force[:, index].clamp(min=0)
-                stops = (self.force[:, index + 1 :] < 0).all(1) if index + 1 < self.max_new_tokens else active
+                forced = self.force[:, index]
+                tokens = forced.clamp(min=0)
+                if bool((forced == -1).any()):  # positions left to the model
+                    tokens = torch.where(forced == -1, sample(logits, generators=self.generators, **self.sampling),
+                                         tokens)
+                stops = ((self.force[:, index + 1 :] == _PAST_FORCE).all(1) if index + 1 < self.max_new_tokens
+                         else active)
             tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad))
             logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
             greedy = logits.argmax(-1) == tokens

@@ -26,6 +26,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, S)
     labels: torch.Tensor  # (B, S): labels[t] = the token at t + 1, or IGNORE_INDEX
     difficulty: torch.Tensor | None = None  # (B,) for synthetic problems
+    hop_labels: torch.Tensor | None = None  # (H, B, S) chain problems: the target after hop h + 1
 
 
 def _rows(global_batch: int, rank: int, world: int) -> range:
@@ -35,27 +36,49 @@ def _rows(global_batch: int, rank: int, world: int) -> range:
 
 
 def encode_problem(tokenizer, problem: synthetic.Problem) -> tuple[list[int], list[int]]:
-    """(ids, labels) of prompt + answer + EOS: only the answer and EOS tokens are predicted."""
-    prompt = tokenizer.encode(problem.prompt, add_special_tokens=False)
-    answer = tokenizer.encode(problem.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = prompt + answer
-    labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX]  # label at t is token t + 1
-    return ids, labels
+    """(ids, labels) of prompt + answer + EOS: only the answer's predicted tokens and EOS are targets (the
+    given ones, a chain's later queries, are not)."""
+    ids = tokenizer.encode(problem.prompt, add_special_tokens=False)
+    targets = [IGNORE_INDEX] * (len(ids) - 1)  # targets[t] is the label at t: token t + 1 or IGNORE_INDEX
+    for text, predicted in problem.segments():
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        ids += toks
+        targets += toks if predicted else [IGNORE_INDEX] * len(toks)
+    ids.append(tokenizer.eos_token_id)
+    targets += [tokenizer.eos_token_id, IGNORE_INDEX]
+    return ids, targets
+
+
+def encode_hops(tokenizer, problem: synthetic.Problem, labels: list[int], hops: int) -> list[list[int]]:
+    """Intermediate targets (hops rows, each like `labels`): row h holds, at the position of each answer's first
+    token, the variable its query reaches after h + 1 hops (the answer itself once the hops are done)."""
+    rows = [list(labels) for _ in range(hops)]
+    if not problem.paths:
+        return rows
+    t = len(tokenizer.encode(problem.prompt, add_special_tokens=False)) - 1  # where the first answer is predicted
+    answers = iter(problem.paths)
+    for text, predicted in problem.segments():
+        if predicted:
+            for h, var in enumerate(next(answers)[:hops]):
+                rows[h][t] = tokenizer.convert_tokens_to_ids(var)
+        t += len(tokenizer.encode(text, add_special_tokens=False))
+    return rows
 
 
 class SyntheticSource:
     """Problems of `task` with difficulty drawn uniformly from `difficulties`, training split only."""
 
     def __init__(self, tokenizer, *, task: str, difficulties: list[int], seq_len: int, seed: int, parts: int = 2,
-                 variables: int = 26, digits: int = 1):
+                 variables: int = 26, digits: int = 1, distractors: int = 2):
         if task not in synthetic.TASKS:
             raise ValueError(f"data.task={task!r} is not one of {list(synthetic.TASKS)}")
         if not difficulties or min(difficulties) < 1:
             raise ValueError(f"data.difficulties must be a non-empty list of integers ≥ 1, got {difficulties}")
         self.tokenizer, self.task, self.difficulties = tokenizer, task, list(difficulties)
         self.seq_len, self.seed, self.parts, self.variables, self.digits = seq_len, seed, parts, variables, digits
+        self.distractors = distractors
         longest = synthetic.make_problem(task, max(difficulties), seed, 0, parts=parts, variables=variables,
-                                         digits=digits)
+                                         digits=digits, distractors=distractors)
         n = len(encode_problem(tokenizer, longest)[0])
         if n > seq_len:
             raise ValueError(f"data.seq_len={seq_len} is shorter than a difficulty-{max(difficulties)} problem ({n} tokens)")
@@ -65,19 +88,24 @@ class SyntheticSource:
         ids = torch.full((batch_size // world, self.seq_len), pad, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
         diff = torch.zeros(batch_size // world, dtype=torch.long)
+        H = max(self.difficulties)
+        hop_labels = torch.full((H, *ids.shape), IGNORE_INDEX, dtype=torch.long) if self.task == "chain" else None
         for i, row in enumerate(_rows(batch_size, rank, world)):
             rng = random.Random(f"batch:{self.seed}:{step}:{row}")
             while True:  # draw until the prompt falls in the training split (9 in 10 do)
                 d = rng.choice(self.difficulties)
                 p = synthetic.make_problem(self.task, d, self.seed, rng.getrandbits(48), parts=self.parts,
-                                           variables=self.variables, digits=self.digits)
+                                           variables=self.variables, digits=self.digits,
+                                           distractors=self.distractors)
                 if not synthetic.is_heldout(p.prompt):
                     break
             x, y = encode_problem(self.tokenizer, p)
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             diff[i] = d
-        return Batch(ids, labels, diff)
+            if hop_labels is not None:
+                hop_labels[:, i, : len(y)] = torch.tensor(encode_hops(self.tokenizer, p, y, H))
+        return Batch(ids, labels, diff, hop_labels)
 
 
 class TextSource:

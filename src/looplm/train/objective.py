@@ -38,6 +38,9 @@ class LossConfig:
     distill_weight_end: float = 0.0
     distill_temperature: float = 1.0
     last_loop_only: bool = False  # per_loop stage: train only the deepest loop's CE (a plain looped LM)
+    # per_loop stage: loop r is trained on the problem's r-th intermediate (the variable a chain query
+    # reaches after r hops, data with hop labels) instead of the final answer: intermediate supervision
+    hop_targets: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -45,6 +48,8 @@ class LossConfig:
         for name in ("beta_start", "beta_end", "distill_weight_start", "distill_weight_end"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.hop_targets and self.stage != "per_loop":
+            raise ValueError(f"loss.hop_targets applies to stage 'per_loop' only, not {self.stage!r}")
 
 
 @dataclass
@@ -63,8 +68,10 @@ class LoopObjective(nn.Module):
             raise ValueError(f"loss.stage={loss.stage!r} trains an exit gate; the model has none (exit_gate=False)")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, num_loops: int, no_grad_loops: int = 0,
-                progress: float = 0.0, student_loop: int | None = None) -> StepOutput:
+                progress: float = 0.0, student_loop: int | None = None,
+                hop_labels: torch.Tensor | None = None) -> StepOutput:
         """input_ids, labels (B, S) (labels already shifted: labels[t] is the target at t, −100 = none).
+        hop_labels (H, B, S): the target after hop h + 1 (loss.hop_targets trains loop r on row min(r, H) − 1).
 
         progress ∈ [0, 1] drives the β and distillation-weight schedules; student_loop (1..R−1) is the
         loop the deepest loop teaches this step (drawn by the trainer so every process agrees).
@@ -74,19 +81,24 @@ class LoopObjective(nn.Module):
         if not 0 <= no_grad_loops < R:
             raise ValueError(f"no_grad_loops={no_grad_loops} must be in [0, num_loops={R})")
         mask = labels != losses.IGNORE_INDEX  # (B, S)
+        hops = hop_labels if cfg.hop_targets else None
+        if cfg.hop_targets and (hop_labels is None or hop_labels.shape[1:] != labels.shape):
+            raise ValueError("loss.hop_targets needs hop labels (H, B, S) from the data (the chain task)")
         ctx = m.context(input_ids, None, None, R)
         want_distill = max(cfg.distill_weight_start, cfg.distill_weight_end) > 0 and R > 1 and student_loop is not None
         frozen_lm = cfg.stage == "stage2"
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_lm):
             x = e = m.embed(input_ids, ctx)  # (B, S, D)
-        ces, lambdas, kept = [], [], {}
+        ces, hop_ces, lambdas, kept = [], [], [], {}
         for loop_idx in range(R):
             grad = torch.is_grad_enabled() and loop_idx >= no_grad_loops and not frozen_lm
             with torch.set_grad_enabled(grad):
                 x = m.core_loop(x, e, ctx, loop_idx)
                 logits = m.readout(x, ctx)  # (B, S, V)
                 ces.append(losses.per_loop_ce(logits[None], labels)[0])  # (B, S)
+                if hops is not None:
+                    hop_ces.append(losses.per_loop_ce(logits[None], hops[min(loop_idx, len(hops) - 1)])[0])
             if not grad:
                 x = x.detach()
             lam = m.exit_lambda(x.detach() if frozen_lm else x)  # the gate trains on frozen features in stage II
@@ -104,7 +116,8 @@ class LoopObjective(nn.Module):
             loss, s = losses.stage2_gate_loss(ce, torch.stack(lambdas, -1), mask, k=cfg.gate_k, gamma=cfg.gate_gamma)
             stats.update(s)
         else:
-            per_loop = ce[-1:] if cfg.last_loop_only else ce[no_grad_loops:]
+            trained = torch.stack(hop_ces) if hops is not None else ce
+            per_loop = trained[-1:] if cfg.last_loop_only else trained[no_grad_loops:]
             loss = (per_loop * mask).sum() / (mask.sum().clamp(min=1) * per_loop.shape[0])
         if lambdas and cfg.stage != "stage1":
             pdf = losses.exit_distribution(torch.stack(lambdas, -1).detach())

@@ -33,6 +33,7 @@ class DataConfig:
     parts: int = 2  # sub-problems per synthetic problem (answers in a row)
     variables: int = 26  # chain: variable names drawn from the first N letters
     digits: int = 1  # chain: digits of each value (the answer's length)
+    distractors: int = 2  # chain: extra chains of the same length that are not asked for
     paths: list[str] = field(default_factory=list)  # text: .txt / .jsonl files
     val_paths: list[str] = field(default_factory=list)  # text: held-out files for evaluation
     val_fraction: float = 0.0  # text without val_paths: hold out the last fraction of the blocks

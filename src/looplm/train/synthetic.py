@@ -1,12 +1,14 @@
 """Synthetic multi-step reasoning tasks whose difficulty is a knob, generated offline from a seed.
 
-    modarith   "3+4*2-5;6-1*6+2="  →  "21"      k operations per expression, applied left to right, mod 7
-    chain      "c=b,a=3,b=a,y=5,x=y;cx?" →  "35"   follow k hops of variable assignments (statements shuffled)
-               "c=b,a=37,b=a,y=52;c"     →  "37"   one query, two-digit values (digits=2, parts=1)
+    modarith   "3+4*2-5;6-1*6+2="  →  "21"        k operations per expression, applied left to right, mod 7
+    chain      "c=ba=3b=ay=5x=y;c" →  "3x5"       follow k hops of variable assignments (statements shuffled)
+               "c=ba=37b=ay=52;c"  →  "37"        one query, two-digit values (digits=2, parts=1)
 
-A problem holds `parts` independent sub-problems of the same difficulty and asks for all answers in a
-row, so the answer is several tokens: the first is read out at prefill, the next ones during decoding,
-which is where a shared KV cache (`kv="last"`) could cost accuracy.
+A problem holds `parts` independent sub-problems of the same difficulty. modarith asks for all answers in
+a row. chain asks its queries in turns: the prompt ends with the first query, the answer is the first
+value, then the next query, its value, and so on ("3x5" above: "x" is *given*, `Problem.given` lists it,
+and is not predicted). The first value is read out at prefill, the later ones in decode steps that read
+the prompt through the KV cache, which is where a shared cache (`kv="last"`) could cost accuracy.
 
 Every problem is a pure function of (task, seed, index): `make_problem` seeds its own `random.Random`
 with a string, so the same call gives the same problem on any machine and Python version. The split
@@ -36,6 +38,20 @@ class Problem:
     answer: str
     difficulty: int
     task: str
+    given: tuple[int, ...] = ()  # indices of answer characters that are given (the next queries), not predicted
+    # chain: per predicted answer, the variables reached after hops 1 .. k − 1 (the k-th hop reaches the value)
+    paths: tuple[tuple[str, ...], ...] = ()
+
+    def segments(self) -> list[tuple[str, bool]]:
+        """The answer as maximal runs (text, predicted?): "3x5" with given=(1,) → [("3", True), ("x", False), ("5", True)]."""
+        out: list[tuple[str, bool]] = []
+        for i, ch in enumerate(self.answer):
+            pred = i not in self.given
+            if out and out[-1][1] == pred:
+                out[-1] = (out[-1][0] + ch, pred)
+            else:
+                out.append((ch, pred))
+        return out
 
 
 def is_heldout(prompt: str) -> bool:
@@ -60,11 +76,12 @@ def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
 
 
-def _chain(rng: random.Random, k: int, names: list[str], digits: int = 1) -> tuple[list[str], str, str]:
-    """k hops: names[k-1] = names[k-2] = ... = names[0] = a number. Returns (statements, query, answer)."""
+def _chain(rng: random.Random, k: int, names: list[str], digits: int = 1) -> tuple[list[str], str, str, tuple[str, ...]]:
+    """k hops: names[k-1] = names[k-2] = ... = names[0] = a number.
+    Returns (statements, query, answer, the variables reached after hops 1 .. k − 1)."""
     value = _number(rng, digits)
     statements = [f"{names[0]}={value}"] + [f"{names[i]}={names[i - 1]}" for i in range(1, k)]
-    return statements, names[k - 1], value
+    return statements, names[k - 1], value, tuple(names[k - 2 :: -1]) if k > 1 else ()
 
 
 def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: int = 2, distractors: int = 2,
@@ -72,14 +89,18 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
     """Problem `index` of the stream (task, seed): `parts` sub-problems of `difficulty` steps each.
 
     chain: variable names are drawn from the first `variables` letters (fewer names: fewer assignment
-    tokens to learn); values have `digits` digits; with one part the prompt ends with the query variable
-    itself ("...;l" → "42"), so the first answer token is predicted at the query's own position."""
+    tokens to learn); values have `digits` digits; statements are written back to back (each "v=x" is one
+    token of the synthetic tokenizer, so no separator is needed). The prompt ends with the first query
+    variable itself ("...;l" → "42"), so each value is predicted at its query's own position; further
+    queries follow each value in the answer, given (`Problem.given`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if difficulty < 1:
         raise ValueError(f"difficulty must be ≥ 1, got {difficulty}")
     if parts < 1:
         raise ValueError(f"parts must be ≥ 1, got {parts}")
+    if distractors < 0:
+        raise ValueError(f"distractors must be ≥ 0, got {distractors}")
     rng = random.Random(f"{task}:{seed}:{index}:{difficulty}")
     if task == "modarith":
         pieces = [_modarith(rng, difficulty) for _ in range(parts)]
@@ -93,22 +114,25 @@ def make_problem(task: str, difficulty: int, seed: int, index: int, *, parts: in
         raise ValueError(f"chain: ({parts} parts + {distractors} distractor chains) × {difficulty} hops need {need} "
                          f"variables; only {variables} are allowed")
     names = rng.sample(VARS[:variables], need)
-    statements, queries, answers = [], [], []
+    statements, queries, answers, paths = [], [], [], []
     for c in range(parts + distractors):
-        st, q, a = _chain(rng, difficulty, names[c * difficulty:(c + 1) * difficulty], digits)
+        st, q, a, path = _chain(rng, difficulty, names[c * difficulty:(c + 1) * difficulty], digits)
         statements += st
         if c < parts:
             queries.append(q)
             answers.append(a)
+            paths.append(path)
     rng.shuffle(statements)
-    if parts == 1:
-        return Problem(",".join(statements) + ";" + queries[0], answers[0], difficulty, task)
-    # queries back to back, then "?": answer i is predicted `parts` positions after query i, one fixed offset
-    return Problem(",".join(statements) + ";" + "".join(queries) + "?", "".join(answers), difficulty, task)
+    answer, given = answers[0], []
+    for q, a in zip(queries[1:], answers[1:]):
+        given.append(len(answer))
+        answer += q + a
+    return Problem("".join(statements) + ";" + queries[0], answer, difficulty, task, tuple(given), tuple(paths))
 
 
 def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tuple[int, ...], split: str,
-             start: int = 0, parts: int = 2, variables: int = 26, digits: int = 1) -> list[Problem]:
+             start: int = 0, parts: int = 2, variables: int = 26, digits: int = 1,
+             distractors: int = 2) -> list[Problem]:
     """`count` problems of the split ("train" or "heldout"), difficulties cycling through the list.
 
     Candidates are drawn at indices start, start+1, ... and kept when their prompt hash falls in the split.
@@ -121,7 +145,8 @@ def problems(task: str, *, seed: int, count: int, difficulties: list[int] | tupl
     index = start
     while len(out) < count:
         d = difficulties[len(out) % len(difficulties)]
-        p = make_problem(task, d, seed, index, parts=parts, variables=variables, digits=digits)
+        p = make_problem(task, d, seed, index, parts=parts, variables=variables, digits=digits,
+                         distractors=distractors)
         index += 1
         if is_heldout(p.prompt) == (split == "heldout"):
             out.append(p)

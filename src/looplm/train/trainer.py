@@ -77,7 +77,8 @@ def build_source(recipe: Recipe, tokenizer, phase: PhaseConfig | None = None):
     if d.kind == "synthetic":
         diffs = phase.difficulties if phase is not None and phase.difficulties else d.difficulties
         return SyntheticSource(tokenizer, task=d.task, difficulties=diffs, seq_len=d.seq_len,
-                               seed=recipe.seed, parts=d.parts, variables=d.variables, digits=d.digits)
+                               seed=recipe.seed, parts=d.parts, variables=d.variables, digits=d.digits,
+                               distractors=d.distractors)
     if phase is not None and phase.difficulties:
         raise ValueError(f"phase {phase.name!r}: difficulties apply to synthetic data only (data.kind={d.kind!r})")
     split = "train" if d.val_fraction and not d.val_paths else "all"
@@ -116,7 +117,8 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     difficulty."""
     d = recipe.data
     probs = synthetic.problems(d.task, seed=recipe.seed + 1, count=count, difficulties=d.difficulties,
-                               split="heldout", parts=d.parts, variables=d.variables, digits=d.digits)
+                               split="heldout", parts=d.parts, variables=d.variables, digits=d.digits,
+                               distractors=d.distractors)
     enc = [encode_problem(tokenizer, p) for p in probs]
     L = max(len(x) for x, _ in enc)
     ids = torch.full((len(enc), L), tokenizer.pad_token_id, dtype=torch.long)
@@ -276,8 +278,9 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
                 n_local = (labels != losses.IGNORE_INDEX).sum()
                 n_global = accel.reduce(n_local.clone(), reduction="sum")
                 with accel.autocast():
+                    hops = batch.hop_labels.to(accel.device) if batch.hop_labels is not None else None
                     out = objective(ids, labels, num_loops=R, no_grad_loops=no_grad, progress=progress_frac,
-                                    student_loop=student)
+                                    student_loop=student, hop_labels=hops)
                 # this process's share of the global mean (DDP averages gradients over processes)
                 share = n_local.float() * world / n_global.clamp(min=1).float()
                 accel.backward(out.loss * share / tc.grad_accum)
