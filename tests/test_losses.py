@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import looplm
 from looplm import losses
 from looplm.config import LoopConfig
 from looplm.model import LoopedLM
@@ -176,6 +177,26 @@ def test_hop_targets_train_loop_r_on_the_rth_intermediate():
         LoopObjective(model, LossConfig(stage="per_loop", hop_targets=True))(ids, labels, num_loops=3)
     with pytest.raises(ValueError, match="hop_targets applies to stage 'per_loop' only"):
         LossConfig(stage="stage1", hop_targets=True)
+
+
+@pytest.mark.parametrize("kv", ["per_loop", "last"])
+def test_decode_like_training_matches_generation_under_last_kv(kv):
+    """With decode_from, the first answer position's training logits are those of the decode step that
+    `looplm.score` takes under kv="last" (earlier positions' last-loop K/V, its own at each loop)."""
+    model = _tiny()
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    prompt, answer = torch.randint(0, 11, (6,), generator=g).tolist(), [4, 9]
+    ids = torch.tensor([prompt + answer[:1]])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prompt)] = answer[1]  # only the first decoded position is scored
+    decode_from = torch.tensor([len(prompt)]) if kv == "last" else None
+    out = LoopObjective(model, LossConfig(stage="per_loop"))(ids, labels, num_loops=3, decode_from=decode_from)
+    ref = looplm.score(model, [prompt], [answer], num_loops=3, kv=kv)
+    assert out.ce[-1].item() == pytest.approx(-ref.logprobs[0][1], abs=1e-5)
+    if kv == "last":  # and it differs from per-loop attention, so the test can tell them apart
+        per_loop = looplm.score(model, [prompt], [answer], num_loops=3, kv="per_loop")
+        assert per_loop.logprobs[0][1] != pytest.approx(ref.logprobs[0][1], abs=1e-4)
 
 
 def test_truncated_backprop_leaves_first_loops_without_graph():

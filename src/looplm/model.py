@@ -144,10 +144,32 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = past + S
+        if ctx.collect is not None:
+            ctx.collect[layer_idx] = (k.detach(), v.detach())  # a core layer's entry ends at the last loop
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_head
         )  # (B, H, S, Dh)
+        if ctx.shared_kv is not None and layer_idx in ctx.shared_kv:
+            y = self._as_decoded(q, k, v, y, *ctx.shared_kv[layer_idx], ctx.decode_from)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+    def _as_decoded(self, q, k, v, y, k_last, v_last, decode_from):
+        """Training only: positions t ≥ decode_from[b] attend as a decode step under kv="last" does — to the
+        earlier positions' last-loop K/V (k_last, v_last from a no-grad pass, RoPE applied) and to their own
+        K/V at this loop. Other positions keep y (the prefill's per-loop attention). Full sequences, no padding
+        before the decoded part (training batches are right-padded)."""
+        B, H, S, Dh = q.shape
+        rep = self.n_head // self.n_kv
+        k_last, v_last, k, v = (t.repeat_interleave(rep, dim=1) for t in (k_last, v_last, k, v))
+        scale = Dh**-0.5
+        past = (q @ k_last.transpose(-1, -2)) * scale  # (B, H, S, S)
+        earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)
+        past = past.masked_fill(~earlier, float("-inf"))
+        own = (q * k).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
+        w = torch.softmax(torch.cat([past, own], -1).float(), -1).to(q.dtype)
+        decoded = w[..., :S] @ v_last + w[..., S:] * v  # (B, H, S, Dh)
+        take = torch.arange(S, device=q.device)[None, :] >= decode_from[:, None]  # (B, S)
+        return torch.where(take[:, None, :, None], decoded, y)
 
 
 class MLP(nn.Module):
@@ -202,9 +224,14 @@ class _Context:
     is_causal: bool
     cache: KVCache | None
     rows: torch.Tensor | None = None  # the batch rows computed (None: all); the rest stopped looping
+    # training only (LoopObjective's last_kv steps): collect each layer's K/V; replay core layers' last-loop
+    # K/V to the positions ≥ decode_from, as decode steps under kv="last" see them
+    collect: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    decode_from: torch.Tensor | None = None  # (B,)
 
     def select(self, rows: torch.Tensor) -> _Context:
-        """The context of a subset of rows (indices into the full batch)."""
+        """The context of a subset of rows (indices into the full batch); the training-only fields are dropped."""
         return _Context(self.cos[rows], self.sin[rows], None if self.mask is None else self.mask[rows],
                         self.is_causal, self.cache, rows)
 

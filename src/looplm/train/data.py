@@ -27,6 +27,7 @@ class Batch:
     labels: torch.Tensor  # (B, S): labels[t] = the token at t + 1, or IGNORE_INDEX
     difficulty: torch.Tensor | None = None  # (B,) for synthetic problems
     hop_labels: torch.Tensor | None = None  # (H, B, S) chain problems: the target after hop h + 1
+    prompt_len: torch.Tensor | None = None  # (B,) synthetic problems: where the answer begins
 
 
 def _rows(global_batch: int, rank: int, world: int) -> range:
@@ -89,6 +90,7 @@ class SyntheticSource:
         labels = torch.full_like(ids, IGNORE_INDEX)
         diff = torch.zeros(batch_size // world, dtype=torch.long)
         H = max(self.difficulties)
+        prompt_len = torch.zeros(batch_size // world, dtype=torch.long)
         hop_labels = torch.full((H, *ids.shape), IGNORE_INDEX, dtype=torch.long) if self.task == "chain" else None
         for i, row in enumerate(_rows(batch_size, rank, world)):
             rng = random.Random(f"batch:{self.seed}:{step}:{row}")
@@ -103,9 +105,10 @@ class SyntheticSource:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             diff[i] = d
+            prompt_len[i] = len(self.tokenizer.encode(p.prompt, add_special_tokens=False))
             if hop_labels is not None:
                 hop_labels[:, i, : len(y)] = torch.tensor(encode_hops(self.tokenizer, p, y, H))
-        return Batch(ids, labels, diff, hop_labels)
+        return Batch(ids, labels, diff, hop_labels, prompt_len)
 
 
 class TextSource:

@@ -41,6 +41,10 @@ class LossConfig:
     # per_loop stage: loop r is trained on the problem's r-th intermediate (the variable a chain query
     # reaches after r hops, data with hop labels) instead of the final answer: intermediate supervision
     hop_targets: bool = False
+    # every n-th step (0: never) the answer positions (from each row's prompt end on) attend as decode steps
+    # under kv="last" do: to the earlier positions' last-loop K/V (a no-grad pass) and to themselves, so
+    # that sharing the last loop's KV at decode time costs little (the prompt keeps per-loop attention)
+    last_kv_every: int = 0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -48,6 +52,8 @@ class LossConfig:
         for name in ("beta_start", "beta_end", "distill_weight_start", "distill_weight_end"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.last_kv_every < 0:
+            raise ValueError(f"loss.last_kv_every must be ≥ 0, got {self.last_kv_every}")
         if self.hop_targets and self.stage != "per_loop":
             raise ValueError(f"loss.hop_targets applies to stage 'per_loop' only, not {self.stage!r}")
 
@@ -69,9 +75,11 @@ class LoopObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, num_loops: int, no_grad_loops: int = 0,
                 progress: float = 0.0, student_loop: int | None = None,
-                hop_labels: torch.Tensor | None = None) -> StepOutput:
+                hop_labels: torch.Tensor | None = None, decode_from: torch.Tensor | None = None) -> StepOutput:
         """input_ids, labels (B, S) (labels already shifted: labels[t] is the target at t, −100 = none).
         hop_labels (H, B, S): the target after hop h + 1 (loss.hop_targets trains loop r on row min(r, H) − 1).
+        decode_from (B,): where each row's answer begins; given, positions from there on attend as decode
+        steps under kv="last" (the trainer passes it on loss.last_kv_every steps).
 
         progress ∈ [0, 1] drives the β and distillation-weight schedules; student_loop (1..R−1) is the
         loop the deepest loop teaches this step (drawn by the trainer so every process agrees).
@@ -85,6 +93,8 @@ class LoopObjective(nn.Module):
         if cfg.hop_targets and (hop_labels is None or hop_labels.shape[1:] != labels.shape):
             raise ValueError("loss.hop_targets needs hop labels (H, B, S) from the data (the chain task)")
         ctx = m.context(input_ids, None, None, R)
+        if decode_from is not None:
+            ctx.shared_kv, ctx.decode_from = self._last_loop_kv(input_ids, R), decode_from.to(input_ids.device)
         want_distill = max(cfg.distill_weight_start, cfg.distill_weight_end) > 0 and R > 1 and student_loop is not None
         frozen_lm = cfg.stage == "stage2"
 
@@ -130,3 +140,14 @@ class LoopObjective(nn.Module):
             stats["distill_kl"] = kl.detach()
         ce_mean = (ce.detach() * mask).sum((1, 2)) / mask.sum().clamp(min=1)  # (R,)
         return StepOutput(loss=loss, ce=ce_mean, stats=stats)
+
+    @torch.no_grad()
+    def _last_loop_kv(self, input_ids: torch.Tensor, R: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each core layer's K/V after the last of R loops (per-loop attention throughout), without autograd."""
+        m = self.model
+        ctx = m.context(input_ids, None, None, R)
+        ctx.collect = {}
+        x = e = m.embed(input_ids, ctx)
+        for loop_idx in range(R):
+            x = m.core_loop(x, e, ctx, loop_idx)
+        return {i: kv for i, kv in ctx.collect.items() if m.config.is_core(i)}

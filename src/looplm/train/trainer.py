@@ -279,8 +279,13 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
                 n_global = accel.reduce(n_local.clone(), reduction="sum")
                 with accel.autocast():
                     hops = batch.hop_labels.to(accel.device) if batch.hop_labels is not None else None
+                    every = phase.loss.last_kv_every
+                    if every and step % every == 0 and batch.prompt_len is None:
+                        raise ValueError(f"phase {phase.name!r}: loss.last_kv_every needs synthetic data (where "
+                                         "the answer begins)")
+                    decode_from = batch.prompt_len if every and step % every == 0 else None
                     out = objective(ids, labels, num_loops=R, no_grad_loops=no_grad, progress=progress_frac,
-                                    student_loop=student, hop_labels=hops)
+                                    student_loop=student, hop_labels=hops, decode_from=decode_from)
                 # this process's share of the global mean (DDP averages gradients over processes)
                 share = n_local.float() * world / n_global.clamp(min=1).float()
                 accel.backward(out.loss * share / tc.grad_accum)
