@@ -169,7 +169,7 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     hops = res.difficulties
     b.bar([str(d) for d in hops], [res.exit_mean_loops[str(d)] for d in hops], color="tab:blue")
     for i, d in enumerate(hops):
-        b.text(i, res.exit_mean_loops[str(d)] + 0.05, f"{res.exit_accuracy[str(d)]:.0%}", ha="center", fontsize=8)
+        b.text(i, res.exit_mean_loops[str(d)] + 0.05, f"{res.exit_accuracy[str(d)]:.1%}", ha="center", fontsize=8)
     b.set(xlabel=unit, ylabel="mean loops per answer token", ylim=(0, res.loops[-1] + 0.5),
           title=f"Mean loops under {res.exit_policy} (label: accuracy)")
     fig.tight_layout()
