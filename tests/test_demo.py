@@ -43,6 +43,22 @@ def test_demo_tables_have_the_reported_shape(bundled):
     assert text.count("\n") > 3 * len(res.difficulties)
 
 
+def test_bundled_model_shows_what_its_card_claims():
+    """The shipped weights keep their measured properties (on 24 held-out problems per difficulty): a k-hop
+    query is answered from k loops on and not before, Q-exit spends more loops on longer chains, and the
+    KV strategies that share one slot stay close to per_loop."""
+    res = demo.run_demo(per_difficulty=24, progress=False)
+    for d in res.difficulties:
+        acc = res.accuracy[str(d)]
+        assert min(acc[d - 1 :]) >= 0.95, (d, acc)
+        assert max(acc[: d - 1], default=0.0) <= 0.05, (d, acc)
+    loops = [res.exit_mean_loops[str(d)] for d in res.difficulties]
+    assert loops == sorted(loops) and loops[-1] - loops[0] > 1.5, loops
+    assert min(res.exit_accuracy.values()) >= 0.95
+    assert res.kv["per_loop"]["accuracy"] - res.kv["last"]["accuracy"] <= 0.03
+    assert res.kv["per_loop"]["accuracy"] - res.kv["mean"]["accuracy"] <= 0.02
+
+
 def test_demo_accuracy_matches_a_cache_free_check(bundled):
     """Greedy answers decoded token by token with full forwards (no cache), the later queries appended as
     given, give the demo's accuracy (the share of each problem's queries answered right)."""
