@@ -3,7 +3,7 @@
     python recipes/bundle.py out/train/bundled-chain-r4/model recipes/bundled.yaml --exit q:0.5
 
 Writes config.json, model.safetensors, the tokenizer files and looplm_task.json (the task format the demo
-needs: task, difficulties, parts, variables, digits, the recommended exit policy). The model card
+needs: task, difficulties, parts, variables, digits, distractors, the recommended exit policy). The model card
 (README.md in the same dir) is written by hand from the measured figures.
 """
 
