@@ -35,8 +35,8 @@ def main() -> None:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     d = recipe.data
-    meta = {"task": d.task, "difficulties": d.difficulties, "parts": d.parts, "variables": d.variables,
-            "digits": d.digits, "distractors": d.distractors, "exit": args.exit, "recipe": Path(args.recipe).name, "seed": recipe.seed}
+    meta = {"task": d.task, "difficulties": d.difficulties, **d.format_options(), "exit": args.exit,
+            "recipe": Path(args.recipe).name, "seed": recipe.seed}
     (dst / "looplm_task.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = sum(p.stat().st_size for p in dst.iterdir() if p.is_file())
     print(f"{dst}: {size / 2**20:.2f} MiB")

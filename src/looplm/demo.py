@@ -48,9 +48,9 @@ class DemoResult:
 
 def heldout_problems(meta: dict[str, Any], difficulty: int, *, count: int, seed: int) -> list[synthetic.Problem]:
     """Held-out problems of one difficulty in the model's task format (looplm_task.json)."""
+    options = {k: meta[k] for k in synthetic.FORMAT_OPTIONS if k in meta}
     return synthetic.problems(meta["task"], seed=seed, count=count, difficulties=[difficulty], split="heldout",
-                              parts=meta.get("parts", 2), variables=meta.get("variables", 26),
-                              digits=meta.get("digits", 1), distractors=meta.get("distractors", 2))
+                              **options)
 
 
 def _meta(path: Path) -> dict[str, Any]:

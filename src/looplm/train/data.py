@@ -50,19 +50,19 @@ def encode_problem(tokenizer, problem: synthetic.Problem) -> tuple[list[int], li
     return ids, targets
 
 
+def answer_starts(labels: list[int]) -> list[int]:
+    """Where each answer is predicted: the first position of every run of targets in `encode_problem`'s labels
+    (given tokens break the runs; EOS joins the last one). The first is the prompt's last position."""
+    return [t for t, y in enumerate(labels) if y != IGNORE_INDEX and (t == 0 or labels[t - 1] == IGNORE_INDEX)]
+
+
 def encode_hops(tokenizer, problem: synthetic.Problem, labels: list[int], hops: int) -> list[list[int]]:
     """Intermediate targets (hops rows, each like `labels`): row h holds, at the position of each answer's first
     token, the variable its query reaches after h + 1 hops (the answer itself once the hops are done)."""
     rows = [list(labels) for _ in range(hops)]
-    if not problem.paths:
-        return rows
-    t = len(tokenizer.encode(problem.prompt, add_special_tokens=False)) - 1  # where the first answer is predicted
-    answers = iter(problem.paths)
-    for text, predicted in problem.segments():
-        if predicted:
-            for h, var in enumerate(next(answers)[:hops]):
-                rows[h][t] = tokenizer.convert_tokens_to_ids(var)
-        t += len(tokenizer.encode(text, add_special_tokens=False))
+    for t, path in zip(answer_starts(labels), problem.paths):
+        for h, var in enumerate(path[:hops]):
+            rows[h][t] = tokenizer.convert_tokens_to_ids(var)
     return rows
 
 
@@ -105,7 +105,7 @@ class SyntheticSource:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             diff[i] = d
-            prompt_len[i] = len(self.tokenizer.encode(p.prompt, add_special_tokens=False))
+            prompt_len[i] = answer_starts(y)[0] + 1
             if hop_labels is not None:
                 hop_labels[:, i, : len(y)] = torch.tensor(encode_hops(self.tokenizer, p, y, H))
         return Batch(ids, labels, diff, hop_labels, prompt_len)

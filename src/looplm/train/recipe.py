@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoopConfig
+from . import synthetic
 from .objective import LossConfig
 
 LOOP_SAMPLING = ("fixed", "uniform", "poisson_lognormal")
@@ -39,6 +40,10 @@ class DataConfig:
     val_fraction: float = 0.0  # text without val_paths: hold out the last fraction of the blocks
     text_field: str = "text"
     seq_len: int = 64
+
+    def format_options(self) -> dict[str, int]:
+        """The synthetic task's format knobs (`synthetic.FORMAT_OPTIONS`) as keyword arguments."""
+        return {k: getattr(self, k) for k in synthetic.FORMAT_OPTIONS}
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "text"):

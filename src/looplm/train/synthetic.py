@@ -30,6 +30,9 @@ VARS = string.ascii_lowercase
 SPECIALS = ("<pad>", "<eos>")
 ALPHABET = string.digits + VARS + "+-*=,;?:. "
 HELDOUT_BUCKETS = 10  # 1 in 10 prompt hashes is held out
+# the knobs of a task's format beyond (task, difficulty): recipes, the trainer's evaluation, the bundled
+# model's looplm_task.json and the demo all pass these, by name, to make_problem / problems
+FORMAT_OPTIONS = ("parts", "variables", "digits", "distractors")
 
 
 @dataclass(frozen=True)

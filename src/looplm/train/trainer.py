@@ -76,9 +76,8 @@ def build_source(recipe: Recipe, tokenizer, phase: PhaseConfig | None = None):
     d = recipe.data
     if d.kind == "synthetic":
         diffs = phase.difficulties if phase is not None and phase.difficulties else d.difficulties
-        return SyntheticSource(tokenizer, task=d.task, difficulties=diffs, seq_len=d.seq_len,
-                               seed=recipe.seed, parts=d.parts, variables=d.variables, digits=d.digits,
-                               distractors=d.distractors)
+        return SyntheticSource(tokenizer, task=d.task, difficulties=diffs, seq_len=d.seq_len, seed=recipe.seed,
+                               **d.format_options())
     if phase is not None and phase.difficulties:
         raise ValueError(f"phase {phase.name!r}: difficulties apply to synthetic data only (data.kind={d.kind!r})")
     split = "train" if d.val_fraction and not d.val_paths else "all"
@@ -117,8 +116,7 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     difficulty."""
     d = recipe.data
     probs = synthetic.problems(d.task, seed=recipe.seed + 1, count=count, difficulties=d.difficulties,
-                               split="heldout", parts=d.parts, variables=d.variables, digits=d.digits,
-                               distractors=d.distractors)
+                               split="heldout", **d.format_options())
     enc = [encode_problem(tokenizer, p) for p in probs]
     L = max(len(x) for x, _ in enc)
     ids = torch.full((len(enc), L), tokenizer.pad_token_id, dtype=torch.long)
@@ -258,6 +256,10 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
             continue
         objective = LoopObjective(model, phase.loss)
         source = build_source(recipe, tokenizer, phase) if phase.difficulties else base_source
+        every = phase.loss.last_kv_every
+        if every and d.kind != "synthetic":
+            raise ValueError(f"phase {phase.name!r}: loss.last_kv_every needs synthetic data (where the answer "
+                             f"begins), not data.kind={d.kind!r}")
         optimizer = _optimizer(model, phase, recipe)
         scheduler = _schedule(optimizer, phase)
         if restored is not None and restored[0]["phase"] == phase_idx:
@@ -279,10 +281,6 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
                 n_global = accel.reduce(n_local.clone(), reduction="sum")
                 with accel.autocast():
                     hops = batch.hop_labels.to(accel.device) if batch.hop_labels is not None else None
-                    every = phase.loss.last_kv_every
-                    if every and step % every == 0 and batch.prompt_len is None:
-                        raise ValueError(f"phase {phase.name!r}: loss.last_kv_every needs synthetic data (where "
-                                         "the answer begins)")
                     decode_from = batch.prompt_len if every and step % every == 0 else None
                     out = objective(ids, labels, num_loops=R, no_grad_loops=no_grad, progress=progress_frac,
                                     student_loop=student, hop_labels=hops, decode_from=decode_from)
