@@ -86,18 +86,21 @@ def test_demo_accuracy_matches_a_cache_free_check(bundled):
 
 
 def test_cli_demo_writes_png_and_json(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--problems", "3", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--problems", "3", "--seed", "999", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "accuracy by loops" in proc.stdout and "KV strategies" in proc.stdout
+    assert "accuracy by loops" in proc.stdout and "KV strategies" in proc.stdout and "seed 999" in proc.stdout
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "demo.json").read_text())
-    assert data["problems_per_difficulty"] == 3
+    assert data["problems_per_difficulty"] == 3 and data["seed"] == 999
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cli_demo_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--problems", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--problems must be ≥ 1, got 0" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--seed", "-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--seed must be ≥ 0, got -3" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--model", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "looplm_task.json" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Annotated, Optional
@@ -304,6 +305,7 @@ def train(
 def demo(
     model: Annotated[Optional[str], typer.Option(help="A looplm dir trained on a synthetic task; default: the bundled model.")] = None,
     problems: Annotated[int, typer.Option(help="Held-out problems per difficulty.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out problems (another seed, other problems; e.g. to choose an exit threshold on problems the reported table does not use).")] = 12345,
     exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy for the Q-exit table (default: the model card's).")] = None,
     out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json.")] = "out/demo",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
@@ -316,12 +318,17 @@ def demo(
 
     if problems < 1:
         _fail(f"--problems must be ≥ 1, got {problems}")
+    if seed < 0:
+        _fail(f"--seed must be ≥ 0, got {seed}")
     try:
-        res = demo_mod.run_demo(model, per_difficulty=problems, exit=exit, progress=not json_out)
+        res = demo_mod.run_demo(model, per_difficulty=problems, exit=exit, seed=seed, progress=not json_out)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     png = demo_mod.plot(res, Path(out) / "demo.png")
-    (Path(out) / "demo.json").write_text(demo_mod.to_json(res) + "\n")
+    js = Path(out) / "demo.json"
+    tmp = js.with_name(js.name + ".tmp")
+    tmp.write_text(demo_mod.to_json(res) + "\n")
+    os.replace(tmp, js)  # a reader never sees half a file
     if json_out:
         print(demo_mod.to_json(res))
         return

@@ -44,6 +44,7 @@ class DemoResult:
     exit_mean_loops: dict[str, float]  # difficulty → mean loops per answer token under the exit policy
     kv: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy → accuracy, bytes, tokens/s
     seconds: float = 0.0
+    seed: int = 12345  # the held-out problems' seed
 
 
 def heldout_problems(meta: dict[str, Any], difficulty: int, *, count: int, seed: int) -> list[synthetic.Problem]:
@@ -103,13 +104,17 @@ def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 128, 
     t0 = time.perf_counter()
     path = Path(model_dir) if model_dir else bundled_model_dir()
     meta = _meta(path)
+    if per_difficulty < 1:
+        raise ValueError(f"per_difficulty must be ≥ 1, got {per_difficulty}")
+    if seed < 0:
+        raise ValueError(f"seed must be ≥ 0, got {seed}")
     if not meta:
         raise ValueError(f"{path} has no looplm_task.json: the demo needs a model trained on a synthetic task")
     model, tok = load(path), load_tokenizer(path)
     task, diffs, R = meta["task"], list(meta["difficulties"]), model.config.num_loops
     exit = exit or meta.get("exit", f"q:0.5,max={R}")
     by_diff = {d: heldout_problems(meta, d, count=per_difficulty, seed=seed) for d in diffs}
-    jobs = len(diffs) * (R + 1) + 3
+    jobs = len(diffs) * (R + 1) + 4
     bar = tqdm(total=jobs, disable=not progress, desc="demo", leave=False)
     accuracy: dict[str, list[float]] = {}
     for d in diffs:
@@ -129,16 +134,15 @@ def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 128, 
     for strategy in ("per_loop", "last", "mean", "first"):
         right, _, mem = _solve(model, tok, everything, batch_size=batch_size, num_loops=R, kv=strategy)
         kv[strategy] = {"accuracy": sum(right) / len(right), **mem}
-        if strategy in ("per_loop", "last", "first"):
-            bar.update()
+        bar.update()
     bar.close()
     return DemoResult(str(path), task, diffs, list(range(1, R + 1)), per_difficulty, accuracy, str(exit), exit_acc,
-                      exit_loops, kv, time.perf_counter() - t0)
+                      exit_loops, kv, time.perf_counter() - t0, seed)
 
 
 def format_tables(res: DemoResult) -> str:
     unit = "hops" if res.task == "chain" else "ops"
-    lines = [f"{res.task}: {res.problems_per_difficulty} held-out problems per difficulty ({unit}); greedy answers "
+    lines = [f"{res.task}: {res.problems_per_difficulty} held-out problems per difficulty ({unit}, seed {res.seed}); greedy answers "
              "(accuracy: the share of the queries answered exactly; later queries given in turn)",
              "", "accuracy by loops (per_loop KV)"]
     lines.append(f"{unit:>4}  " + "".join(f"  R={r:<4d}" for r in res.loops))
