@@ -104,3 +104,29 @@ def test_cli_demo_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "looplm", "demo", "--model", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "looplm_task.json" in proc.stderr
+
+
+def test_trainer_eval_under_last_kv_matches_the_engine(bundled):
+    """The trainer's teacher-forced eval under kv="last" (objective.decode_like_logits) and the demo's greedy
+    generation through the engine's shared cache give each problem the same score whenever the first answer
+    (prefilled the same way in both) is right; so training logs track what the demo reports."""
+    from looplm.train.data import answer_starts, encode_problem
+    from looplm.train.objective import decode_like_logits
+
+    model, tok = looplm.load(bundled), looplm.load_tokenizer(bundled)
+    meta = json.loads((bundled / "looplm_task.json").read_text())
+    probs = demo.heldout_problems(meta, 4, count=256, seed=999)
+    engine, _, _ = demo._solve(model, tok, probs, batch_size=64, num_loops=4, kv="last")
+    enc = [encode_problem(tok, p) for p in probs]
+    ids = torch.tensor([x for x, _ in enc])  # one difficulty: every row has the same length
+    labels = torch.tensor([y for _, y in enc])
+    starts = [answer_starts(y) for _, y in enc]
+    logits = decode_like_logits(model, ids, torch.tensor([t[0] + 1 for t in starts]), 4)
+    pred = logits.argmax(-1)
+    compared, missed = 0, 0
+    for i, t in enumerate(starts):
+        hits = [bool(pred[i, s] == labels[i, s]) for s in t[: len(probs[i].paths)]]
+        if hits[0]:
+            assert sum(hits) / len(hits) == engine[i], i
+            compared, missed = compared + 1, missed + (engine[i] < 1)
+    assert compared >= 200 and missed >= 1  # the decoded answers the shared cache gets wrong agree too

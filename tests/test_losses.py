@@ -226,3 +226,50 @@ def test_distillation_term_adds_to_the_loss():
 def test_gate_stage_without_gate_is_an_error():
     with pytest.raises(ValueError, match="exit gate"):
         LoopObjective(_tiny(exit_gate=False), LossConfig(stage="stage1"))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_decode_like_steps_train_the_prompts_last_loop_kv(grad):
+    """loss.last_kv_grad: the answer positions read the prompt's last-loop K/V with its gradient, so the loss
+    on decoded answers reaches prompt tokens through the core (without it, only through their per-loop use).
+    The loss value is the same either way: prompt positions per-loop, answer positions decode-like."""
+    torch.manual_seed(0)
+    cfg = LoopConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                     num_prelude_layers=0, num_core_layers=1, num_coda_layers=0, num_loops=3,
+                     tie_word_embeddings=False, max_position_embeddings=64)
+    model = LoopedLM(cfg)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 6, (2, 6), generator=g)  # prompt tokens 0..5, decoded tokens 6..11
+    answer = torch.randint(6, 12, (2, 3), generator=g)
+    ids = torch.cat([prompt, answer], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:8] = answer[:, 1:]  # only decoded positions are scored
+    decode_from = torch.tensor([6, 6])
+    out = LoopObjective(model, LossConfig(stage="per_loop", last_kv_grad=grad))(ids, labels, num_loops=3,
+                                                                                 decode_from=decode_from)
+    ref = LoopObjective(model, LossConfig(stage="per_loop", last_kv_grad=not grad))(ids, labels, num_loops=3,
+                                                                                     decode_from=decode_from)
+    torch.testing.assert_close(out.loss, ref.loss)
+    model.zero_grad()
+    out.loss.backward()
+    prompt_rows = model.embed_tokens.weight.grad[:6].abs().sum().item()
+    if grad:
+        assert prompt_rows > 1e-4
+    else:  # the decoded positions see the prompt only through no-grad K/V
+        assert prompt_rows == 0.0
+
+
+def test_decode_like_logits_equal_generation_under_last_kv():
+    """objective.decode_like_logits (the trainer's eval under kv="last") scores every decoded position as
+    `looplm.score(kv="last")` does, token by token, not just the first one."""
+    from looplm.train.objective import decode_like_logits
+
+    model = _tiny()
+    model.eval()
+    g = torch.Generator().manual_seed(6)
+    prompt, answer = torch.randint(0, 11, (5,), generator=g).tolist(), torch.randint(0, 11, (4,), generator=g).tolist()
+    ids = torch.tensor([prompt + answer[:-1]])
+    logits = decode_like_logits(model, ids, torch.tensor([len(prompt)]), 3)
+    got = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1).gather(-1, torch.tensor(answer)[:, None])[:, 0]
+    ref = looplm.score(model, [prompt], [answer], num_loops=3, kv="last").logprobs[0]
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), atol=1e-5, rtol=1e-5)

@@ -297,7 +297,7 @@ def train(
     except (ValueError, CheckpointError) as e:
         _fail(str(e))
     if res.last_eval:
-        print("eval  " + "  ".join(f"{k} {v}" for k, v in res.last_eval.items() if k != "acc_by_difficulty"))
+        print("eval  " + "  ".join(f"{k} {v}" for k, v in res.last_eval.items() if not isinstance(v, dict)))
     print(f"{res.steps} steps in {res.seconds:.0f} s; model → {res.model_dir}")
 
 

@@ -145,7 +145,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = past + S
         if ctx.collect is not None:
-            ctx.collect[layer_idx] = (k.detach(), v.detach())  # a core layer's entry ends at the last loop
+            ctx.collect[layer_idx] = (k, v)  # a core layer's entry ends at the last loop (autograd kept)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_head
         )  # (B, H, S, Dh)

@@ -45,6 +45,7 @@ class LossConfig:
     # under kv="last" do: to the earlier positions' last-loop K/V (a no-grad pass) and to themselves, so
     # that sharing the last loop's KV at decode time costs little (the prompt keeps per-loop attention)
     last_kv_every: int = 0
+    last_kv_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -92,30 +93,29 @@ class LoopObjective(nn.Module):
         hops = hop_labels if cfg.hop_targets else None
         if cfg.hop_targets and (hop_labels is None or hop_labels.shape[1:] != labels.shape):
             raise ValueError("loss.hop_targets needs hop labels (H, B, S) from the data (the chain task)")
-        ctx = m.context(input_ids, None, None, R)
-        if decode_from is not None:
-            ctx.shared_kv, ctx.decode_from = self._last_loop_kv(input_ids, R), decode_from.to(input_ids.device)
         want_distill = max(cfg.distill_weight_start, cfg.distill_weight_end) > 0 and R > 1 and student_loop is not None
         frozen_lm = cfg.stage == "stage2"
-
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_lm):
-            x = e = m.embed(input_ids, ctx)  # (B, S, D)
-        ces, hop_ces, lambdas, kept = [], [], [], {}
-        for loop_idx in range(R):
-            grad = torch.is_grad_enabled() and loop_idx >= no_grad_loops and not frozen_lm
-            with torch.set_grad_enabled(grad):
-                x = m.core_loop(x, e, ctx, loop_idx)
-                logits = m.readout(x, ctx)  # (B, S, V)
-                ces.append(losses.per_loop_ce(logits[None], labels)[0])  # (B, S)
-                if hops is not None:
-                    hop_ces.append(losses.per_loop_ce(logits[None], hops[min(loop_idx, len(hops) - 1)])[0])
-            if not grad:
-                x = x.detach()
-            lam = m.exit_lambda(x.detach() if frozen_lm else x)  # the gate trains on frozen features in stage II
-            if lam is not None:
-                lambdas.append(lam)
-            if want_distill and loop_idx + 1 in (student_loop, R):
-                kept[loop_idx + 1] = logits
+        run = dict(labels=labels, hops=hops, R=R, no_grad_loops=no_grad_loops, frozen_lm=frozen_lm,
+                   keep=(student_loop, R) if want_distill else ())
+        ctx = m.context(input_ids, None, None, R)
+        if decode_from is not None and not cfg.last_kv_grad:
+            ctx.shared_kv, ctx.decode_from = self._last_loop_kv(input_ids, R), decode_from.to(input_ids.device)
+        elif decode_from is not None:
+            ctx.collect = {}
+        ces, hop_ces, lambdas, kept = self._loops(input_ids, ctx, **run)
+        if decode_from is not None and cfg.last_kv_grad:
+            # second pass: the answer positions attend to the first pass's last-loop K/V, gradient included, so
+            # the prompt learns K/V that decode steps can read; the step's loss takes each position from the
+            # pass that matches how it is served (prompt: per-loop prefill, answers: decode under kv="last")
+            ctx2 = m.context(input_ids, None, None, R)
+            ctx2.shared_kv = {i: kv for i, kv in ctx.collect.items() if m.config.is_core(i)}
+            ctx2.decode_from = decode_from.to(input_ids.device)
+            dec = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= ctx2.decode_from[:, None]
+            ces2, hop_ces2, lambdas2, kept2 = self._loops(input_ids, ctx2, **run)
+            ces = [torch.where(dec, b, a) for a, b in zip(ces, ces2)]
+            hop_ces = [torch.where(dec, b, a) for a, b in zip(hop_ces, hop_ces2)]
+            lambdas = [torch.where(dec, b, a) for a, b in zip(lambdas, lambdas2)]
+            kept = {r: torch.where(dec[..., None], kept2[r], kept[r]) for r in kept}
         ce = torch.stack(ces)  # (R, B, S)
         stats: dict[str, torch.Tensor] = {}
         if cfg.stage == "stage1":
@@ -141,6 +141,29 @@ class LoopObjective(nn.Module):
         ce_mean = (ce.detach() * mask).sum((1, 2)) / mask.sum().clamp(min=1)  # (R,)
         return StepOutput(loss=loss, ce=ce_mean, stats=stats)
 
+    def _loops(self, input_ids, ctx, *, labels, hops, R, no_grad_loops, frozen_lm, keep):
+        """Run embed and R loops; per loop the token CE (B, S), the hop CE, the gate's λ; the logits of loops in keep."""
+        m = self.model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_lm):
+            x = e = m.embed(input_ids, ctx)  # (B, S, D)
+        ces, hop_ces, lambdas, kept = [], [], [], {}
+        for loop_idx in range(R):
+            grad = torch.is_grad_enabled() and loop_idx >= no_grad_loops and not frozen_lm
+            with torch.set_grad_enabled(grad):
+                x = m.core_loop(x, e, ctx, loop_idx)
+                logits = m.readout(x, ctx)  # (B, S, V)
+                ces.append(losses.per_loop_ce(logits[None], labels)[0])  # (B, S)
+                if hops is not None:
+                    hop_ces.append(losses.per_loop_ce(logits[None], hops[min(loop_idx, len(hops) - 1)])[0])
+            if not grad:
+                x = x.detach()
+            lam = m.exit_lambda(x.detach() if frozen_lm else x)  # the gate trains on frozen features in stage II
+            if lam is not None:
+                lambdas.append(lam)
+            if loop_idx + 1 in keep:
+                kept[loop_idx + 1] = logits
+        return ces, hop_ces, lambdas, kept
+
     @torch.no_grad()
     def _last_loop_kv(self, input_ids: torch.Tensor, R: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each core layer's K/V after the last of R loops (per-loop attention throughout), without autograd."""
@@ -151,3 +174,25 @@ class LoopObjective(nn.Module):
         for loop_idx in range(R):
             x = m.core_loop(x, e, ctx, loop_idx)
         return {i: kv for i, kv in ctx.collect.items() if m.config.is_core(i)}
+
+
+@torch.no_grad()
+def decode_like_logits(model: LoopedLM, input_ids: torch.Tensor, decode_from: torch.Tensor, num_loops: int) -> torch.Tensor:
+    """The deepest loop's logits (B, S, V) when positions ≥ decode_from[b] are generated one at a time under
+    kv="last" (each attends to the earlier positions' last-loop K/V and to its own) and the prompt is prefilled
+    with per-loop attention: teacher-forced, what generation with the last loop's KV shared scores. Exact: the
+    decoded positions' own last-loop K/V are refined pass by pass (pass j fixes decoded position j), so it takes
+    one pass more than the longest decoded part. Rows are right-padded."""
+    decode_from = decode_from.to(input_ids.device)
+    passes = 1 + int((input_ids.shape[1] - decode_from).clamp(min=0).max())
+    shared = None
+    for _ in range(passes):
+        ctx = model.context(input_ids, None, None, num_loops)
+        ctx.collect = {}
+        if shared is not None:
+            ctx.shared_kv, ctx.decode_from = shared, decode_from
+        x = e = model.embed(input_ids, ctx)
+        for loop_idx in range(num_loops):
+            x = model.core_loop(x, e, ctx, loop_idx)
+        shared = {i: kv for i, kv in ctx.collect.items() if model.config.is_core(i)}
+    return model.readout(x, ctx)

@@ -29,8 +29,8 @@ from ..config import LoopConfig
 from ..model import LoopedLM
 from . import state as ckpt
 from . import synthetic
-from .data import SyntheticSource, TextSource, encode_problem
-from .objective import LoopObjective
+from .data import SyntheticSource, TextSource, answer_starts, encode_problem
+from .objective import LoopObjective, decode_like_logits
 from .recipe import PhaseConfig, Recipe
 
 
@@ -126,6 +126,11 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     was_training = model.training
     model.eval()
     out = model(ids.to(model.device), num_loops=max_loops, return_loops=True)
+    starts = [answer_starts(y) for _, y in enc]
+    last = None
+    if any(len(t) > 1 for t in starts):  # answers after the first are decoded: score them under kv="last" too
+        decode_from = torch.tensor([t[0] + 1 for t in starts])
+        last = decode_like_logits(model, ids.to(model.device), decode_from, max_loops)
     model.train(was_training)
     labels = labels.to(model.device)
     answer = (labels != losses.IGNORE_INDEX) & (labels != tokenizer.eos_token_id)
@@ -136,6 +141,10 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     by_diff = {str(k): [round(right[r][diff == k].mean().item(), 4) for r in range(max_loops)]
                for k in d.difficulties}
     result = {**acc, "acc_by_difficulty": by_diff}
+    if last is not None:
+        right = ((last.argmax(-1) == labels) & answer).sum(-1).float() / answer.sum(-1).clamp(min=1)  # (N,)
+        result["acc_last_kv"] = round(right.mean().item(), 4)
+        result["acc_last_kv_by_difficulty"] = {str(k): round(right[diff == k].mean().item(), 4) for k in d.difficulties}
     if out.exit_pdf is not None:
         pdf = out.exit_pdf[answer]  # (N_answer_tokens, R)
         result["exit_pdf"] = [round(v, 4) for v in pdf.mean(0).tolist()]
