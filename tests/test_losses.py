@@ -273,3 +273,17 @@ def test_decode_like_logits_equal_generation_under_last_kv():
     got = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1).gather(-1, torch.tensor(answer)[:, None])[:, 0]
     ref = looplm.score(model, [prompt], [answer], num_loops=3, kv="last").logprobs[0]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_like_logits_of_right_padded_rows_equal_each_row_alone():
+    from looplm.train.objective import decode_like_logits
+
+    model = _tiny()
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(0, 11, (1, 9), generator=g), torch.randint(0, 11, (1, 6), generator=g)
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], ids[1, :6] = a[0], b[0]
+    both = decode_like_logits(model, ids, torch.tensor([5, 3]), 3, lengths=torch.tensor([9, 6]))
+    torch.testing.assert_close(both[0], decode_like_logits(model, a, torch.tensor([5]), 3)[0])
+    torch.testing.assert_close(both[1, :6], decode_like_logits(model, b, torch.tensor([3]), 3)[0])

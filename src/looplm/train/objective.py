@@ -42,9 +42,11 @@ class LossConfig:
     # reaches after r hops, data with hop labels) instead of the final answer: intermediate supervision
     hop_targets: bool = False
     # every n-th step (0: never) the answer positions (from each row's prompt end on) attend as decode steps
-    # under kv="last" do: to the earlier positions' last-loop K/V (a no-grad pass) and to themselves, so
-    # that sharing the last loop's KV at decode time costs little (the prompt keeps per-loop attention)
+    # under kv="last" do: to the earlier positions' last-loop K/V and to themselves, so that sharing the last
+    # loop's KV at decode time costs little (the prompt keeps per-loop attention)
     last_kv_every: int = 0
+    # those K/V come from the step's own per-loop pass with their gradient (a second pass for the answers), so
+    # the prompt learns last-loop K/V that decode steps can read; False: from a no-grad pass (cheaper, weaker)
     last_kv_grad: bool = True
 
     def __post_init__(self) -> None:
@@ -177,14 +179,17 @@ class LoopObjective(nn.Module):
 
 
 @torch.no_grad()
-def decode_like_logits(model: LoopedLM, input_ids: torch.Tensor, decode_from: torch.Tensor, num_loops: int) -> torch.Tensor:
+def decode_like_logits(model: LoopedLM, input_ids: torch.Tensor, decode_from: torch.Tensor, num_loops: int,
+                       lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The deepest loop's logits (B, S, V) when positions ≥ decode_from[b] are generated one at a time under
     kv="last" (each attends to the earlier positions' last-loop K/V and to its own) and the prompt is prefilled
     with per-loop attention: teacher-forced, what generation with the last loop's KV shared scores. Exact: the
     decoded positions' own last-loop K/V are refined pass by pass (pass j fixes decoded position j), so it takes
-    one pass more than the longest decoded part. Rows are right-padded."""
+    one pass more than the longest decoded part. Rows are right-padded; lengths (B,), when given, bounds the
+    decoded parts (what follows a row's end cannot change what comes before it)."""
     decode_from = decode_from.to(input_ids.device)
-    passes = 1 + int((input_ids.shape[1] - decode_from).clamp(min=0).max())
+    ends = torch.full_like(decode_from, input_ids.shape[1]) if lengths is None else lengths.to(decode_from)
+    passes = 1 + int((ends - decode_from).clamp(min=0).max())
     shared = None
     for _ in range(passes):
         ctx = model.context(input_ids, None, None, num_loops)

@@ -130,7 +130,8 @@ def evaluate_synthetic(model: LoopedLM, tokenizer, recipe: Recipe, *, count: int
     last = None
     if any(len(t) > 1 for t in starts):  # answers after the first are decoded: score them under kv="last" too
         decode_from = torch.tensor([t[0] + 1 for t in starts])
-        last = decode_like_logits(model, ids.to(model.device), decode_from, max_loops)
+        lengths = torch.tensor([len(x) for x, _ in enc])
+        last = decode_like_logits(model, ids.to(model.device), decode_from, max_loops, lengths)
     model.train(was_training)
     labels = labels.to(model.device)
     answer = (labels != losses.IGNORE_INDEX) & (labels != tokenizer.eos_token_id)
