@@ -114,6 +114,11 @@ def test_trainer_eval_under_last_kv_matches_the_engine(bundled):
     from looplm.train.objective import decode_like_logits
 
     model, tok = looplm.load(bundled), looplm.load_tokenizer(bundled)
+    # the bundled model makes no mistakes under kv="last"; noise on the core's keys makes some, so that the
+    # test compares wrong decoded answers too
+    w = model.layers[1].self_attn.k_proj.weight
+    with torch.no_grad():
+        w += 1.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     meta = json.loads((bundled / "looplm_task.json").read_text())
     probs = demo.heldout_problems(meta, 4, count=256, seed=999)
     engine, _, _ = demo._solve(model, tok, probs, batch_size=64, num_loops=4, kv="last")
@@ -129,4 +134,4 @@ def test_trainer_eval_under_last_kv_matches_the_engine(bundled):
         if hits[0]:
             assert sum(hits) / len(hits) == engine[i], i
             compared, missed = compared + 1, missed + (engine[i] < 1)
-    assert compared >= 200 and missed >= 1  # the decoded answers the shared cache gets wrong agree too
+    assert compared >= 200 and missed >= 10  # the decoded answers the shared cache gets wrong agree too
