@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+from dataclasses import asdict
 import time
 from typing import Annotated, Optional
 
 import typer
 
 from looplm.cache import check_strategy
-from looplm.evaluation.runner import encode_prompt
+from looplm.evaluation.runner import encode_prompt, write_json
 from looplm.exits import parse_exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped language models: compute and memory budgets per request.")
@@ -325,10 +325,7 @@ def demo(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     png = demo_mod.plot(res, Path(out) / "demo.png")
-    js = Path(out) / "demo.json"
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(demo_mod.to_json(res) + "\n")
-    os.replace(tmp, js)  # a reader never sees half a file
+    write_json(Path(out) / "demo.json", asdict(res))  # atomic
     if json_out:
         print(demo_mod.to_json(res))
         return

@@ -155,7 +155,7 @@ class Attention(nn.Module):
 
     def _as_decoded(self, q, k, v, y, k_last, v_last, decode_from):
         """Training only: positions t ≥ decode_from[b] attend as a decode step under kv="last" does — to the
-        earlier positions' last-loop K/V (k_last, v_last from a no-grad pass, RoPE applied) and to their own
+        earlier positions' last-loop K/V (k_last, v_last from an earlier pass, RoPE applied) and to their own
         K/V at this loop. Other positions keep y (the prefill's per-loop attention). Full sequences, no padding
         before the decoded part (training batches are right-padded)."""
         B, H, S, Dh = q.shape

@@ -110,7 +110,7 @@ class LoopObjective(nn.Module):
             # the prompt learns K/V that decode steps can read; the step's loss takes each position from the
             # pass that matches how it is served (prompt: per-loop prefill, answers: decode under kv="last")
             ctx2 = m.context(input_ids, None, None, R)
-            ctx2.shared_kv = {i: kv for i, kv in ctx.collect.items() if m.config.is_core(i)}
+            ctx2.shared_kv = _core_kv(m, ctx.collect)
             ctx2.decode_from = decode_from.to(input_ids.device)
             dec = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= ctx2.decode_from[:, None]
             ces2, hop_ces2, lambdas2, kept2 = self._loops(input_ids, ctx2, **run)
@@ -169,13 +169,25 @@ class LoopObjective(nn.Module):
     @torch.no_grad()
     def _last_loop_kv(self, input_ids: torch.Tensor, R: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each core layer's K/V after the last of R loops (per-loop attention throughout), without autograd."""
-        m = self.model
-        ctx = m.context(input_ids, None, None, R)
-        ctx.collect = {}
-        x = e = m.embed(input_ids, ctx)
-        for loop_idx in range(R):
-            x = m.core_loop(x, e, ctx, loop_idx)
-        return {i: kv for i, kv in ctx.collect.items() if m.config.is_core(i)}
+        return _last_loop_pass(self.model, input_ids, R)[1]
+
+
+def _core_kv(model: LoopedLM, collected: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """The core layers' entries of a context's collected K/V: their K/V after the last loop."""
+    return {i: kv for i, kv in collected.items() if model.config.is_core(i)}
+
+
+def _last_loop_pass(model: LoopedLM, input_ids: torch.Tensor, R: int, shared=None, decode_from=None):
+    """Embed and R loops, collecting each layer's K/V; with shared, positions ≥ decode_from attend to it as decode
+    steps under kv="last" do. Returns the last hidden state, the core layers' last-loop K/V and the context."""
+    ctx = model.context(input_ids, None, None, R)
+    ctx.collect = {}
+    if shared is not None:
+        ctx.shared_kv, ctx.decode_from = shared, decode_from
+    x = e = model.embed(input_ids, ctx)
+    for loop_idx in range(R):
+        x = model.core_loop(x, e, ctx, loop_idx)
+    return x, _core_kv(model, ctx.collect), ctx
 
 
 @torch.no_grad()
@@ -192,12 +204,5 @@ def decode_like_logits(model: LoopedLM, input_ids: torch.Tensor, decode_from: to
     passes = 1 + int((ends - decode_from).clamp(min=0).max())
     shared = None
     for _ in range(passes):
-        ctx = model.context(input_ids, None, None, num_loops)
-        ctx.collect = {}
-        if shared is not None:
-            ctx.shared_kv, ctx.decode_from = shared, decode_from
-        x = e = model.embed(input_ids, ctx)
-        for loop_idx in range(num_loops):
-            x = model.core_loop(x, e, ctx, loop_idx)
-        shared = {i: kv for i, kv in ctx.collect.items() if model.config.is_core(i)}
+        x, shared, ctx = _last_loop_pass(model, input_ids, num_loops, shared, decode_from)
     return model.readout(x, ctx)
