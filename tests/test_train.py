@@ -55,19 +55,41 @@ def test_recipe_errors_name_the_key_and_the_file(tmp_path):
     p = write_recipe(tmp_path, tmp_path / "o")
     bad = tmp_path / "bad.yaml"
     bad.write_text(p.read_text().replace("batch_size: 8", "batch_sise: 8"))
-    with pytest.raises(ValueError, match=r"bad\.yaml.*'train\.batch_sise'"):
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown key 'train\.batch_sise' \(did you mean batch_size\?\)"):
         load_recipe(bad)
     bad.write_text(p.read_text().replace("batch_size: 8", "batch_size: eight"))
     with pytest.raises(ValueError, match=r"bad\.yaml.*train\.batch_size: expected int, got 'eight'"):
         load_recipe(bad)
-    with pytest.raises(ValueError, match="unknown LoopConfig keys"):
-        load_recipe(p, ["model.hidden_sise=3"])
     with pytest.raises(ValueError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="not key=value"):
         load_recipe(p, ["train.batch_size"])
     r = load_recipe(p, ["train.batch_size=4", "phases.1.lr=0.5", "loops.num_loops=2"])
     assert (r.train.batch_size, r.phases[1].lr, r.loops.num_loops) == (4, 0.5, 2)
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    p = write_recipe(tmp_path, tmp_path / "o")
+    cases = {
+        "train.batch_sise=64": "train.batch_sise=64: unknown key 'batch_sise' in train (did you mean batch_size?)",
+        "model.hidden_sise=3": "model.hidden_sise=3: unknown key 'hidden_sise' in model (did you mean hidden_size?)",
+        "outptu_dir=x": "outptu_dir=x: unknown key 'outptu_dir' in the recipe (did you mean output_dir?)",
+        "phases.1.loss.stag=x": "phases.1.loss.stag=x: unknown key 'stag' in phases.1.loss (did you mean stage?)",
+        "train.batch_size=eight": "train.batch_size=eight: train.batch_size: expected int, got 'eight'",
+    }
+    for item, message in cases.items():
+        with pytest.raises(ValueError) as e:
+            load_recipe(p, [item])
+        assert str(e.value) == message
+        assert p.name not in str(e.value)
+    bad = tmp_path / "bad.yaml"  # the file's own error is still blamed on the file, overrides or not
+    bad.write_text(p.read_text().replace("batch_size: 8", "batch_size: eight"))
+    with pytest.raises(ValueError, match=r"^.*bad\.yaml: train\.batch_size: expected int"):
+        load_recipe(bad, ["seed=3"])
+    assert load_recipe(bad, ["train.batch_size=8"]).train.batch_size == 8  # an override may fix the file
+    proc = subprocess.run([sys.executable, "-m", "looplm", "train", str(p), "train.batch_sise=64"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and cases["train.batch_sise=64"] in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_text_data_errors_and_packing(tmp_path):
@@ -203,3 +225,62 @@ def test_cli_train_reports_bad_recipe(tmp_path):
     bad.write_text("phases: []\n")
     proc = subprocess.run([sys.executable, "-m", "looplm", "train", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "phases is empty" in proc.stderr
+
+
+def test_max_steps_must_be_positive(tmp_path):
+    out = tmp_path / "run"
+    p = write_recipe(tmp_path, out)
+    with pytest.raises(ValueError, match="max_steps must be ≥ 1, got 0"):
+        fit(load_recipe(p), progress=False, max_steps=0)
+    proc = subprocess.run([sys.executable, "-m", "looplm", "train", str(p), "--max-steps", "0"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "--max-steps must be ≥ 1, got 0" in proc.stderr
+    assert not out.exists()  # nothing written, no untrained model
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra, rb = load_recipe(write_recipe(tmp_path, a)), load_recipe(write_recipe(tmp_path, b))
+    fit(ra, progress=False, max_steps=2)
+    fit(ra, progress=False, max_steps=6)  # the reference: resumed from step 2
+    fit(rb, progress=False, max_steps=2)
+    fit(rb, progress=False, max_steps=4)
+    newest = b / "checkpoints" / "step-000004"
+    weights_file = newest / "model" / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-64:-32] = bytes(32)  # tensor bytes, not the header: safetensors itself would read them without a word
+    weights_file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="looplm.train"):
+        fit(rb, progress=False, max_steps=6)
+    warned = [r.getMessage() for r in caplog.records if r.name == "looplm.train"]
+    assert len(warned) == 1 and str(newest) in warned[0] and "model/model.safetensors" in warned[0], warned
+    assert "resuming from step-000002" in warned[0]
+    assert (b / "checkpoints" / "step-000004.corrupt").is_dir()  # set aside: neither resumed nor pruned
+    assert [p.name for p in ckpt.list_checkpoints(b)] == ["step-000002", "step-000006"]
+    wa, wb = weights(a / "model"), weights(b / "model")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+    assert [x["loss"] for x in logs(a) if "loss" in x] == [x["loss"] for x in logs(b) if "loss" in x]
+    for path in ckpt.list_checkpoints(b):  # none reads back: an error that says so, nothing set aside
+        (path / "optimizer.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints reads back.*--fresh"):
+        fit(rb, progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(b)] == ["step-000002", "step-000006"]
+
+
+def test_a_trained_synthetic_model_runs_in_the_demo(tmp_path):
+    from typer.testing import CliRunner
+
+    from looplm.__main__ import app
+
+    out = tmp_path / "run"
+    p = write_recipe(tmp_path, out)
+    res = CliRunner().invoke(app, ["train", str(p), "--max-steps", "3"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((out / "model" / "looplm_task.json").read_text())
+    assert card == {**load_recipe(p).task_card()} and card["task"] == "chain" and card["difficulties"] == [1, 2]
+    res = CliRunner().invoke(app, ["demo", "--model", str(out / "model"), "--problems", "2", "--out",
+                                   str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert data["model"] == str(out / "model") and data["difficulties"] == [1, 2] and data["loops"] == [1, 2, 3]

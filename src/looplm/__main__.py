@@ -164,20 +164,23 @@ def retrofit(
     save: Annotated[Optional[str], typer.Option(help="Where to write the looplm dir (records the source and the block).")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF Llama-family (or any looplm-loadable) dir; default SmolLM2-135M-Instruct.")] = None,
     loops: Annotated[int, typer.Option(help="Default loop count R of the result.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --save's path whatever it holds. Without it, only a looplm checkpoint (a dir looplm wrote, with no files of yours) is replaced; anything else is refused.")] = False,
 ) -> None:
     """Loop a block of a pretrained model with shared weights and save it as a looplm dir
     (`looplm retrofit --core I:J --save DIR`); `looplm retrofit search` finds which block to loop."""
     if ctx.invoked_subcommand is not None:
         return
     import looplm
+    from looplm.outputs import check_output, is_looplm_checkpoint
 
     if core is None or save is None:
         _fail("--core and --save are required (or use `looplm retrofit search ...`)")
     try:
+        check_output(save, ours=is_looplm_checkpoint, what="a looplm checkpoint", overwrite=overwrite)  # before loading
         path = model or str(looplm.default_model_dir())
         net = looplm.load(path, core=_block(core), num_loops=loops)
-        out = looplm.save(net, save, tokenizer_from=path)
-    except ValueError as e:
+        out = looplm.save(net, save, tokenizer_from=path, overwrite=overwrite)
+    except (ValueError, OSError) as e:
         _fail(str(e))
     c = net.config
     print(f"{out}: prelude {c.num_prelude_layers} + core {c.num_core_layers} x {c.num_loops} loops + coda "
@@ -281,20 +284,22 @@ def train(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML (see recipes/).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, dotted: train.batch_size=32 phases.0.steps=100.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore (and delete) checkpoints in output_dir; start over.")] = False,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this global step (checkpoint kept; run again to go on).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this global step, ≥ 1 (checkpoint kept; run again to go on).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into output_dir whatever it holds. Without it, output_dir must be absent, empty or a looplm training dir (checkpoints/, log.jsonl, recipe.json, model/ and nothing of yours), which it resumes.")] = False,
 ) -> None:
     """Train a looped model from a recipe; resumes from the newest checkpoint in its output_dir.
 
     Runs on this CPU as is, and unchanged on many GPUs: `accelerate launch -m looplm train RECIPE` or
     `torchrun --nproc_per_node N -m looplm train RECIPE` (DDP; FSDP through `accelerate config`).
     """
-    from looplm.checkpoint import CheckpointError
     from looplm.train import fit, load_recipe
 
+    if max_steps is not None and max_steps < 1:
+        _fail(f"--max-steps must be ≥ 1, got {max_steps} (no step would write an untrained model)")
     try:
         r = load_recipe(recipe, overrides or [])
-        res = fit(r, resume=not fresh, max_steps=max_steps)
-    except (ValueError, CheckpointError) as e:
+        res = fit(r, resume=not fresh, max_steps=max_steps, overwrite=overwrite)
+    except (ValueError, OSError) as e:
         _fail(str(e))
     if res.last_eval:
         print("eval  " + "  ".join(f"{k} {v}" for k, v in res.last_eval.items() if not isinstance(v, dict)))
@@ -307,30 +312,30 @@ def demo(
     problems: Annotated[int, typer.Option(help="Held-out problems per difficulty.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the held-out problems (another seed, other problems; e.g. to choose an exit threshold on problems the reported table does not use).")] = 12345,
     exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy for the Q-exit table (default: the model card's).")] = None,
-    out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json.")] = "out/demo",
+    out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json: a dir that is absent, empty or a previous demo's output.")] = "out/demo",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write demo.png and demo.json into --out whatever it holds (other files stay; a file at --out is replaced).")] = False,
 ) -> None:
     """The bundled looped model on held-out multi-hop problems: accuracy × loops × difficulty, mean loops
     under Q-exit by difficulty, KV memory and speed per strategy; writes a PNG of the curves."""
-    from pathlib import Path
-
     from looplm import demo as demo_mod
+    from looplm.outputs import check_output, is_demo_output
 
     if problems < 1:
         _fail(f"--problems must be ≥ 1, got {problems}")
     if seed < 0:
         _fail(f"--seed must be ≥ 0, got {seed}")
     try:
+        check_output(out, ours=is_demo_output, what="a looplm demo output dir", overwrite=overwrite)  # before the run
         res = demo_mod.run_demo(model, per_difficulty=problems, exit=exit, seed=seed, progress=not json_out)
-    except (ValueError, FileNotFoundError) as e:
+        png, js = demo_mod.write(res, out, overwrite=overwrite)
+    except (ValueError, OSError) as e:
         _fail(str(e))
-    png = demo_mod.plot(res, Path(out) / "demo.png")
-    write_json(Path(out) / "demo.json", asdict(res))  # atomic
     if json_out:
         print(demo_mod.to_json(res))
         return
     print(demo_mod.format_tables(res))
-    print(f"\n{res.seconds:.0f} s; wrote {png} and {Path(out) / 'demo.json'}")
+    print(f"\n{res.seconds:.0f} s; wrote {png} and {js}")
 
 
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
@@ -350,11 +355,12 @@ def eval_run(
     shots: Annotated[int, typer.Option(help="Few-shot examples per prompt.")] = 0,
     chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Chat template (default: on for generation tasks when the model has one).")] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Benchmark files in the layout of shared/data (default: ../shared/data).")] = None,
-    out: Annotated[str, typer.Option(help="Output dir for run JSONs, the report and plots.")] = "out/eval",
+    out: Annotated[str, typer.Option(help="Output dir: run JSONs, the report and plots go to OUT/TASK, which must be absent, empty or a previous eval's output.")] = "out/eval",
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for few-shot sampling and bootstrap.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT/TASK whatever it holds (files of other names stay; a file at --out is replaced).")] = False,
 ) -> None:
     """Evaluate a task over a sweep of loops × exit policies × KV strategies; resumes interrupted sweeps."""
     if ctx.invoked_subcommand is not None:
@@ -362,9 +368,18 @@ def eval_run(
     from pathlib import Path
 
     from looplm.evaluation import report, runner, tasks
+    from looplm.outputs import check_output, is_eval_output, prepare_output_dir
 
     if task is None:
         _fail("--task is required (or use `looplm eval compare A.json B.json`)")
+    task_dir = Path(out) / ("refusal" if task == "refusal" else task.replace(":", "_").replace("/", "_"))
+    try:  # before anything runs (looplm.outputs): --out is a dir; the task's dir in it is new or a previous eval's
+        check_output(out, ours=Path.is_dir, what="a directory", overwrite=overwrite)
+        if overwrite:
+            prepare_output_dir(out, ours=Path.is_dir, what="a directory", overwrite=True)
+        check_output(task_dir, ours=is_eval_output, what="a looplm eval output dir", overwrite=overwrite)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
     try:
         loop_list = [int(x) for x in loops.split(",")] if loops else [None]
     except ValueError:

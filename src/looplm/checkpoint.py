@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import LoopConfig
 from .model import LoopedLM, Rotary
+from .outputs import check_output, is_looplm_checkpoint
 
 HF_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 MODEL_TYPES = ("looplm", "ouro", *HF_LLAMA_FAMILY)
@@ -243,13 +244,20 @@ def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_lo
     return model
 
 
-def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None) -> Path:
-    """Write a looplm dir (config.json + model.safetensors [+ tokenizer files]) atomically.
+def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
+         tokenizer=None, task: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a looplm dir (config.json + model.safetensors [+ tokenizer files] [+ looplm_task.json]) atomically.
+
+    An existing `path` is replaced only when it is a looplm checkpoint (a dir looplm wrote, holding none
+    of your files: `looplm.outputs.is_looplm_checkpoint`); anything else raises OutputExistsError, naming
+    the path, before anything is written, unless overwrite=True (then it is replaced whole).
+    tokenizer: a tokenizer to `save_pretrained` there (else the files of tokenizer_from, or of the model's
+    own dir, are copied). task: the synthetic task card, looplm_task.json (what `looplm demo` reads).
 
     Tensor names carry the `model.` prefix of the HF wrapper (`looplm.hf.LoopLMForCausalLM`), so the
     same dir loads with `transformers.AutoModelForCausalLM` after `import looplm`.
     """
-    path = Path(path).expanduser()
+    path = check_output(path, ours=is_looplm_checkpoint, what="a looplm checkpoint", overwrite=overwrite)
     src = tokenizer_from or getattr(model, "name_or_path", None)
     config = {"model_type": "looplm", "architectures": ["LoopLMForCausalLM"], **model.config.to_dict()}
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -259,10 +267,14 @@ def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.P
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if src is not None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif src is not None:
             copy_tokenizer(Path(src), tmp)
+        if task is not None:
+            (tmp / "looplm_task.json").write_text(json.dumps(task, indent=1) + "\n")
 
-    _write_dir_atomically(path, write)
+    _write_dir_atomically(path, write, may_replace=None if overwrite else is_looplm_checkpoint)
     return path
 
 
@@ -272,8 +284,19 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _write_dir_atomically(path: Path, write) -> None:
-    """Build the dir next to its destination, then rename: a crash never leaves half a checkpoint."""
+def _write_dir_atomically(path: Path, write, *, may_replace=None, what: str = "a looplm checkpoint") -> None:
+    """Build the dir next to its destination, then rename: a crash never leaves half a checkpoint.
+
+    may_replace(path) → bool: whether an existing path may be replaced, asked before writing and again
+    just before the swap (OutputExistsError otherwise); None: always, for paths looplm owns (its cache,
+    a fresh temp dir). what: what belongs there, for the error.
+    """
+
+    def check() -> None:
+        if may_replace is not None:
+            check_output(path, ours=may_replace, what=what, overwrite=False)
+
+    check()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -282,7 +305,8 @@ def _write_dir_atomically(path: Path, write) -> None:
         os.umask(umask)
         for p in (tmp, *tmp.iterdir()):  # mkdtemp makes a private dir: give it the usual permissions
             p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        if path.exists():
+        check()
+        if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "d")
             os.replace(tmp, path)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .checkpoint import load, load_tokenizer
 from .engine import generate
+from .outputs import is_demo_output, prepare_output_dir
 from .train import synthetic
 
 BUNDLED = Path(__file__).parent / "bundled"
@@ -112,7 +113,9 @@ def run_demo(model_dir: str | Path | None = None, *, per_difficulty: int = 128, 
         raise ValueError(f"{path} has no looplm_task.json: the demo needs a model trained on a synthetic task")
     model, tok = load(path), load_tokenizer(path)
     task, diffs, R = meta["task"], list(meta["difficulties"]), model.config.num_loops
-    exit = exit or meta.get("exit", f"q:0.5,max={R}")
+    # the card's policy (the bundled model's is calibrated); a model without an exit gate (trained by a recipe
+    # without one) gets a gate-free policy: stop when successive loops agree
+    exit = exit or meta.get("exit") or (f"q:0.5,max={R}" if model.config.exit_gate else f"kl:1e-3,max={R}")
     by_diff = {d: heldout_problems(meta, d, count=per_difficulty, seed=seed) for d in diffs}
     jobs = len(diffs) * (R + 1) + 4
     bar = tqdm(total=jobs, disable=not progress, desc="demo", leave=False)
@@ -186,3 +189,14 @@ def plot(res: DemoResult, path: str | Path) -> Path:
 
 def to_json(res: DemoResult) -> str:
     return json.dumps(asdict(res))
+
+
+def write(res: DemoResult, out: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """demo.png and demo.json in `out`: absent, empty or a previous demo's output dir, unless overwrite
+    (`looplm.outputs`); files of other names there are never touched."""
+    from .evaluation.runner import write_json
+
+    out = prepare_output_dir(out, ours=is_demo_output, what="a looplm demo output dir", overwrite=overwrite)
+    png = plot(res, out / "demo.png")
+    write_json(out / "demo.json", asdict(res))  # atomic
+    return png, out / "demo.json"

@@ -10,7 +10,9 @@ and learning rate, on all weights or on the exit gate alone (Ouro's stage II).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -146,6 +148,15 @@ class Recipe:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases)
 
+    def task_card(self) -> dict[str, Any] | None:
+        """looplm_task.json of a model trained on synthetic data (None for text): the task format
+        `looplm demo` draws its held-out problems in."""
+        d = self.data
+        if d.kind != "synthetic":
+            return None
+        return {"task": d.task, "difficulties": list(d.difficulties), **d.format_options(), "recipe": self.name,
+                "seed": self.seed}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -176,15 +187,47 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    file_only = copy.deepcopy(raw)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value")
+        _check_key(key.split("."), item)
         _set(raw, key.split("."), yaml.safe_load(value), item)
     try:
         return _build(Recipe, raw, "")
     except ValueError as e:
+        error = e
+    try:  # blame the file when it fails alone, else the overrides
+        _build(Recipe, file_only, "")
+    except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    raise ValueError(f"{' '.join(overrides or [])}: {error}") from None
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_key(keys: list[str], item: str) -> None:
+    """Every dotted key of an override names a field of the schema, so a typo is named with the override
+    (`train.batch_sise=64: unknown key 'batch_sise' in train (did you mean batch_size?)`), not blamed
+    on the recipe file. List indices and free mappings are left to `_set` and `_build`."""
+    tp: Any = Recipe
+    for i, k in enumerate(keys):
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return
+        names = [f.name for f in dataclasses.fields(tp)]
+        if k not in names:
+            where = ".".join(keys[:i]) or "the recipe"
+            raise ValueError(f"{item}: unknown key {k!r} in {where}{_did_you_mean(k, names)}")
+        tp = LoopConfig if tp is Recipe and k == "model" else typing.get_type_hints(tp)[k]
 
 
 def _set(d: Any, keys: list[str], value: Any, item: str) -> None:
@@ -216,7 +259,9 @@ def _build(cls, raw: Any, where: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(where + k) for k in unknown)}")
+        hint = _did_you_mean(unknown[0], sorted(fields)) if len(unknown) == 1 else ""
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(where + k) for k in unknown)}{hint}")
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in raw.items()}
     try:
         return cls(**kwargs)

@@ -14,6 +14,7 @@ is that of the mean over the global batch, the same as one process on the whole 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -27,11 +28,14 @@ from .. import losses
 from ..checkpoint import CheckpointError, load, load_tokenizer, save
 from ..config import LoopConfig
 from ..model import LoopedLM
+from ..outputs import check_output, is_training_dir
 from . import state as ckpt
 from . import synthetic
 from .data import SyntheticSource, TextSource, answer_starts, encode_problem
 from .objective import LoopObjective, decode_like_logits
 from .recipe import PhaseConfig, Recipe
+
+log = logging.getLogger("looplm.train")
 
 
 @dataclass
@@ -197,15 +201,22 @@ def _schedule(optimizer, phase: PhaseConfig):
 
 
 def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps: int | None = None,
-        cpu: bool | None = None) -> FitResult:
-    """Train the recipe; resume from the newest checkpoint of output_dir when there is one (and resume).
+        cpu: bool | None = None, overwrite: bool = False) -> FitResult:
+    """Train the recipe; resume from the newest checkpoint of output_dir that reads back (and resume).
 
-    max_steps: stop after this global step (for tests and for splitting a run); checkpoints are kept.
+    max_steps: stop after this global step (≥ 1; for tests and for splitting a run); checkpoints are kept.
+    output_dir must be absent, empty or a looplm training dir (`looplm.outputs.is_training_dir`: what this
+    trainer writes, nothing of yours); anything else is refused before anything runs unless overwrite
+    (then looplm writes into it and replaces a file at that path or a model/ in it).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be ≥ 1, got {max_steps} (no step would write an untrained model)")
+    out_dir = check_output(recipe.output_dir, ours=is_training_dir, what="a looplm training dir (output_dir)",
+                           overwrite=overwrite)
     tc = recipe.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -216,7 +227,6 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes × "
                          f"grad_accum={tc.grad_accum}")
-    out_dir = Path(recipe.output_dir)
     fingerprint = recipe.fingerprint()
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe)
@@ -233,10 +243,10 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     max_loops = recipe.loops.num_loops if recipe.loops.sampling == "fixed" else recipe.loops.high
 
     start_step, restored = 0, None
-    found = ckpt.list_checkpoints(out_dir) if resume else []
-    if found:
-        state, rng, optim_state = ckpt.read_checkpoint(found[-1], fingerprint=fingerprint)
-        model = load(found[-1] / "model").train()
+    found = _resume(out_dir, fingerprint, set_aside=accel.is_main_process) if resume else None
+    if found is not None:
+        model, state, rng, optim_state = found
+        model.train()
         torch.set_rng_state(rng["torch_rng"])
         start_step, restored = state["step"], (state, optim_state)
     elif not resume and accel.is_main_process:
@@ -246,6 +256,8 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
             (out_dir / "log.jsonl").unlink()
     total = recipe.total_steps if max_steps is None else min(max_steps, recipe.total_steps)
     if accel.is_main_process:
+        if overwrite and (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+            out_dir.unlink()  # --overwrite: a file where the output dir goes
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "fingerprint": fingerprint}, indent=1))
     log_file = out_dir / "log.jsonl"
@@ -339,9 +351,33 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
     if accel.is_main_process:
         for p in model.parameters():
             p.requires_grad_(True)
-        save(model.eval(), model_dir)
-        tokenizer.save_pretrained(model_dir)
+        save(model.eval(), model_dir, tokenizer=tokenizer, task=recipe.task_card(), overwrite=overwrite)
     return FitResult(out_dir, model_dir, step, time.perf_counter() - t_start, last_log, last_eval)
+
+
+def _resume(out_dir: Path, fingerprint: str, *, set_aside: bool):
+    """(model, state, RNG, optimizer state) of the newest checkpoint that reads back; None when there is none.
+
+    A corrupt newer one (a file that does not hash as written) is skipped with a warning naming it and,
+    by the main process, renamed step-NNNNNN.corrupt so that it is neither resumed nor pruned (issue 12).
+    When none reads back, nothing is renamed and the error says so."""
+    found = ckpt.list_checkpoints(out_dir)
+    corrupt: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            result = ckpt.load_checkpoint(path, fingerprint=fingerprint)
+        except ckpt.CorruptCheckpoint as e:
+            corrupt.append((path, str(e)))
+            continue
+        for bad, why in corrupt:
+            aside = ckpt.set_aside(bad) if set_aside else bad
+            log.warning("looplm: checkpoint %s is corrupt (%s); resuming from %s (the corrupt one is kept as %s)",
+                        bad, why, path.name, aside.name)
+        return result
+    if corrupt:
+        raise CheckpointError(f"no checkpoint in {out_dir / 'checkpoints'} reads back: "
+                              + "; ".join(why for _, why in corrupt) + ". Pass --fresh to start over")
+    return None
 
 
 def _accumulate(sums: dict[str, Any], out, weight) -> None:
