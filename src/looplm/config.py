@@ -15,7 +15,8 @@ from typing import Any
 NORM_STYLES = ("pre", "sandwich")
 INJECTIONS = ("none", "add", "concat")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ACTIVATIONS = ("silu",)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # Llama/Qwen; Gemma's tanh-approximated GELU
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -47,7 +48,19 @@ class LoopConfig:
     attention_bias: bool = False  # bias on q/k/v (Qwen2 has it; o_proj never does)
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    sliding_window: int | None = None  # Mistral: we run full attention, valid while length ≤ window
+    # Qwen3 and Gemma-3 are the same pipeline with these options (issue 12): data, not code paths
+    qk_norm: bool = False  # an RMSNorm over each head's q and k before RoPE (self_attn.q_norm / k_norm)
+    # Gemma stores norm weights as offsets from 1 and scales by (offset + w), statistics and scale in fp32
+    rms_norm_offset: float = 0.0
+    embed_scale: float = 1.0  # Gemma multiplies the embeddings by √hidden_size (in the model's dtype)
+    query_pre_attn_scalar: float | None = None  # attention scale = this^-1/2 (Gemma-3: 256); None: head_dim
+    final_logit_softcapping: float | None = None  # logits = c·tanh(logits / c) (Gemma-2 style; Gemma-3: None)
+    # per layer, "full_attention" or "sliding_attention" (HF's names). None: all full, or all sliding when
+    # sliding_window is set (Mistral's convention). A sliding layer's query attends to the last
+    # `sliding_window` positions (itself included), in prefill and through the cache, which keeps only those.
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    rope_local_base_freq: float | None = None  # RoPE base of sliding layers (Gemma-3: 10k; full layers: rope_theta)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -84,6 +97,20 @@ class LoopConfig:
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         if self.rope_scaling is not None:
             _check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ValueError(f"sliding_window must be ≥ 1 or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            for t in self.layer_types:
+                _check_choice("layer_types[...]", t, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
+            raise ValueError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            raise ValueError(f"final_logit_softcapping must be > 0 or None, got {self.final_logit_softcapping}")
 
     @property
     def rope_type(self) -> str:
@@ -95,6 +122,16 @@ class LoopConfig:
     def num_layers(self) -> int:
         """Unique layers held in memory (the core counts once however many loops run)."""
         return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        """Does this layer attend through a sliding window (of `sliding_window` positions)?"""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer_idx] == "sliding_attention"
+
+    @property
+    def has_sliding(self) -> bool:
+        return any(self.is_sliding(i) for i in range(self.num_layers))
 
     def is_core(self, layer_idx: int) -> bool:
         return self.num_prelude_layers <= layer_idx < self.num_prelude_layers + self.num_core_layers

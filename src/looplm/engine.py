@@ -217,9 +217,6 @@ class Generation:
                 f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the position limit "
                 f"max_position_embeddings={limit}"
             )
-        if cfg.sliding_window and S + max_new_tokens > cfg.sliding_window:
-            raise ValueError(f"prompt of {S} tokens + max_new_tokens={max_new_tokens} exceeds sliding_window="
-                             f"{cfg.sliding_window} (looplm runs full attention, exact only within the window)")
         self.ids, self.mask = ids.to(model.device), mask.to(model.device)
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)

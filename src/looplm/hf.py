@@ -1,4 +1,7 @@
-"""Hugging Face integration: `AutoModelForCausalLM.from_pretrained(looplm_dir)` after `import looplm`.
+"""Hugging Face integration: `AutoModelForCausalLM.from_pretrained(looplm_dir)` after `import looplm.hf`.
+
+Importing this module registers looplm with transformers' Auto classes; `looplm.load`, `looplm.save`,
+`looplm.LoopLMConfig` and `looplm.LoopLMForCausalLM` import it (plain `import looplm` does not: it stays fast).
 
 The wrapper holds a `LoopedLM` as `self.model`, so a looplm dir's tensor names (`model.*`, written by
 `looplm.save`) are this class's own. HF `generate()` runs at static depth (`config.num_loops`, or
@@ -18,6 +21,8 @@ from .config import LoopConfig
 from .model import LoopedLM, RMSNorm, Rotary, rope_inv_freq
 
 _FIELDS = [f.name for f in dataclasses.fields(LoopConfig)]
+# transformers ≥ 5 renamed rope_scaling to rope_parameters (the old name, a property now, warns when set)
+_ROPE_ATTR = "rope_parameters" if isinstance(getattr(PretrainedConfig, "rope_scaling", None), property) else "rope_scaling"
 
 
 class LoopLMConfig(PretrainedConfig):
@@ -28,7 +33,7 @@ class LoopLMConfig(PretrainedConfig):
         cfg = LoopConfig(**loop)  # validates
         for k in _FIELDS:
             if k not in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
-                setattr(self, k, getattr(cfg, k))
+                setattr(self, _ROPE_ATTR if k == "rope_scaling" else k, getattr(cfg, k))
         kwargs.setdefault("use_cache", False)  # see the module docstring
         super().__init__(
             bos_token_id=cfg.bos_token_id,
@@ -57,10 +62,10 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
         if isinstance(module, Rotary):  # a non-persistent buffer: HF leaves it empty when loading
-            inv_freq, module.scaling = rope_inv_freq(self.config.to_loop_config())
+            inv_freq, module.scaling = rope_inv_freq(self.config.to_loop_config(), local=module.local)
             module.inv_freq.copy_(inv_freq)
         elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            module.weight.fill_(1.0 - module.offset)
         else:
             LoopedLM._init_weights(module)
 
@@ -101,3 +106,6 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
 def register() -> None:
     AutoConfig.register("looplm", LoopLMConfig, exist_ok=True)
     AutoModelForCausalLM.register(LoopLMConfig, LoopLMForCausalLM, exist_ok=True)
+
+
+register()  # importing looplm.hf is what makes transformers know looplm dirs

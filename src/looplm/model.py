@@ -29,33 +29,38 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm scaling by w (Llama, Ouro, Qwen) or by (offset + w) (Gemma: offset 1, weights stored around 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # scales by 1 at init either way
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32, scale in the input dtype: the order HF Llama and Ouro use (bf16 parity)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: the scale in fp32, then the cast (HF Gemma's order, bf16 parity)
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
+        # statistics in fp32, scale in the input dtype: the order HF Llama and Ouro use (bf16 parity)
         return self.weight * x32.to(dtype)
 
 
 # --------------------------------------------------------------------------- rope
 
 
-def rope_inv_freq(config: LoopConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: LoopConfig, *, local: bool = False) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (Dh/2,) and the attention scaling for the config's RoPE type.
 
     Types: default; linear (positions / factor); llama3 (Llama-3.1 band-wise scaling);
     yarn (NTK-by-parts interpolation with a logit temperature, used by Qwen long-context configs).
+    local: the sliding layers' table, plain RoPE with base `rope_local_base_freq` (Gemma-3).
     """
     dim = config.head_dim
-    base = config.rope_theta
+    base = config.rope_local_base_freq if local else config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    rs = config.rope_scaling or {}
-    kind = config.rope_type
+    rs = {} if local else (config.rope_scaling or {})
+    kind = "default" if local else config.rope_type
     if kind == "default":
         return inv_freq, 1.0
     factor = float(rs.get("factor", 1.0))
@@ -104,9 +109,10 @@ def rope_inv_freq(config: LoopConfig) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(nn.Module):
-    def __init__(self, config: LoopConfig):
+    def __init__(self, config: LoopConfig, *, local: bool = False):
         super().__init__()
-        inv_freq, self.scaling = rope_inv_freq(config)
+        self.local = local
+        inv_freq, self.scaling = rope_inv_freq(config, local=local)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +133,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LoopConfig):
+    def __init__(self, config: LoopConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         D, bias = config.hidden_size, config.attention_bias
@@ -135,19 +141,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+        if config.qk_norm:  # Qwen3, Gemma-3: normalise each head's q and k before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.rms_norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.rms_norm_offset)
+        self.qk_norm = config.qk_norm
+        scalar = config.query_pre_attn_scalar
+        self.scale = (scalar if scalar is not None else self.head_dim) ** -0.5
+        self.sliding = config.is_sliding(layer_idx)
+        self.window = config.sliding_window
 
     def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim)  # (B, S, H, Dh)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)  # (B, S, Hkv, Dh)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh)
+        view = ctx.sliding if self.sliding and ctx.sliding is not None else ctx  # a sliding layer's RoPE and mask
+        q, k = apply_rope(q, view.cos, view.sin), apply_rope(k, view.cos, view.sin)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = past + S
+            k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = keys kept + S
         if ctx.collect is not None:
             ctx.collect[layer_idx] = (k, v)  # a core layer's entry ends at the last loop (autograd kept)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_head
+            q, k, v, attn_mask=view.mask, is_causal=view.is_causal, scale=self.scale,
+            enable_gqa=self.n_kv != self.n_head,
         )  # (B, H, S, Dh)
         if ctx.shared_kv is not None and layer_idx in ctx.shared_kv:
             y = self._as_decoded(q, k, v, y, *ctx.shared_kv[layer_idx], ctx.decode_from)
@@ -161,15 +180,24 @@ class Attention(nn.Module):
         B, H, S, Dh = q.shape
         rep = self.n_head // self.n_kv
         k_last, v_last, k, v = (t.repeat_interleave(rep, dim=1) for t in (k_last, v_last, k, v))
-        scale = Dh**-0.5
+        scale = self.scale
         past = (q @ k_last.transpose(-1, -2)) * scale  # (B, H, S, S)
         earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)
+        if self.sliding:  # a sliding layer's decode step sees the last `window` positions, itself included
+            earlier = earlier & ~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-self.window)
         past = past.masked_fill(~earlier, float("-inf"))
         own = (q * k).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
         w = torch.softmax(torch.cat([past, own], -1).float(), -1).to(q.dtype)
         decoded = w[..., :S] @ v_last + w[..., S:] * v  # (B, H, S, Dh)
         take = torch.arange(S, device=q.device)[None, :] >= decode_from[:, None]  # (B, S)
         return torch.where(take[:, None, :, None], decoded, y)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FNS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 class MLP(nn.Module):
@@ -179,30 +207,32 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(D, I, bias=bias)
         self.up_proj = nn.Linear(D, I, bias=bias)
         self.down_proj = nn.Linear(I, D, bias=bias)
+        self.act = ACTIVATION_FNS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Layer(nn.Module):
-    """Pre-norm (Llama) or sandwich-norm (Ouro) transformer layer.
+    """Pre-norm (Llama, Qwen) or sandwich-norm (Ouro, Gemma-3) transformer layer.
 
     pre:      h = x + attn(n1(x));            y = h + mlp(n3(h))
     sandwich: h = x + n2(attn(n1(x)));        y = h + n4(mlp(n3(h)))
-    with n1..n4 = input_layernorm, input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2.
+    with n1..n4 = input_layernorm, input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2
+    (Gemma-3's input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm).
     """
 
-    def __init__(self, config: LoopConfig):
+    def __init__(self, config: LoopConfig, layer_idx: int = 0):
         super().__init__()
-        D, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Attention(config)
+        D, eps, offset = config.hidden_size, config.rms_norm_eps, config.rms_norm_offset
+        self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(D, eps)
-        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.input_layernorm = RMSNorm(D, eps, offset)
+        self.post_attention_layernorm = RMSNorm(D, eps, offset)
         self.sandwich = config.norm_style == "sandwich"
         if self.sandwich:
-            self.input_layernorm_2 = RMSNorm(D, eps)
-            self.post_attention_layernorm_2 = RMSNorm(D, eps)
+            self.input_layernorm_2 = RMSNorm(D, eps, offset)
+            self.post_attention_layernorm_2 = RMSNorm(D, eps, offset)
 
     def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), ctx, layer_idx, loop_idx)
@@ -215,8 +245,22 @@ class Layer(nn.Module):
 
 
 @dataclass
+class _Attend:
+    """How sliding-window layers attend: their RoPE tables and mask (keys: the positions their cache keeps)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+
+    def select(self, rows: torch.Tensor) -> _Attend:
+        return _Attend(self.cos[rows], self.sin[rows], None if self.mask is None else self.mask[rows], self.is_causal)
+
+
+@dataclass
 class _Context:
-    """What every layer of one forward shares: rotary tables, the mask, the cache."""
+    """What every layer of one forward shares: rotary tables, the mask, the cache (for full-attention
+    layers; `sliding` holds the sliding-window layers' own, None when the model has none)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -224,6 +268,7 @@ class _Context:
     is_causal: bool
     cache: KVCache | None
     rows: torch.Tensor | None = None  # the batch rows computed (None: all); the rest stopped looping
+    sliding: _Attend | None = None
     # training only (LoopObjective's last_kv steps): collect each layer's K/V; replay core layers' last-loop
     # K/V to the positions ≥ decode_from, as decode steps under kv="last" see them
     collect: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -233,7 +278,7 @@ class _Context:
     def select(self, rows: torch.Tensor) -> _Context:
         """The context of a subset of rows (indices into the full batch); the training-only fields are dropped."""
         return _Context(self.cos[rows], self.sin[rows], None if self.mask is None else self.mask[rows],
-                        self.is_causal, self.cache, rows)
+                        self.is_causal, self.cache, rows, None if self.sliding is None else self.sliding.select(rows))
 
 
 @dataclass
@@ -268,15 +313,26 @@ class LoopedLM(nn.Module):
         self.config = config
         D = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, D)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(D, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(D, config.rms_norm_eps, config.rms_norm_offset)
         self.early_exit_gate = nn.Linear(D, 1) if config.exit_gate else None
         self.injection = nn.Linear(2 * D, D, bias=False) if config.injection == "concat" else None
         self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = Rotary(config)
+        self.reset_rotary()
         self.apply(self._init_weights)
+
+    def reset_rotary(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables (non-persistent buffers): one for full layers, one for sliding layers
+        when their base differs (Gemma-3: 10k local, 1M global)."""
+        local = self.config.has_sliding and self.config.rope_local_base_freq is not None
+        self.rotary = Rotary(self.config)
+        self.rotary_local = Rotary(self.config, local=True) if local else None
+        if device is not None:
+            self.rotary.to(device)
+            if local:
+                self.rotary_local.to(device)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -414,9 +470,15 @@ class LoopedLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """Token embedding then the prelude: (B, S) → (B, S, D)."""
-        x = self.embed_tokens(input_ids)
+        x = self.token_embedding(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, i, 0)
+        return x
+
+    def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:  # Gemma: × √D, the factor rounded to the model's dtype as HF does
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
         return x
 
     def core_loop(self, x: torch.Tensor, e: torch.Tensor, ctx: _Context, loop_idx: int) -> torch.Tensor:
@@ -446,16 +508,20 @@ class LoopedLM(nn.Module):
         With loop_norm and no coda, h is already the norm's output (Ouro) and is not normed twice.
         """
         if not self.coda and self.config.loop_norm:
-            return self.lm_head(h[:, keep])
+            return self.softcap(self.lm_head(h[:, keep]))
         base = self.config.num_prelude_layers + self.config.num_core_layers
         for i, layer in enumerate(self.coda):
             h = layer(h, ctx, base + i, 0)
-        return self.lm_head(self.norm(h[:, keep]))
+        return self.softcap(self.lm_head(self.norm(h[:, keep])))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        c = self.config.final_logit_softcapping
+        return logits if c is None else torch.tanh(logits / c) * c
 
     def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 cache: KVCache | None, R: int) -> _Context:
         """What every layer of a forward over input_ids shares: RoPE tables for each row's positions, the
-        attention mask, the cache (`begin()` is called on it here; the caller commits)."""
+        attention masks, the cache (`begin()` is called on it here; the caller commits)."""
         B, S = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -478,21 +544,45 @@ class LoopedLM(nn.Module):
                 f"sequence length {int(positions.max()) + 1} (past {past} + new {S}) exceeds the position limit "
                 f"max_position_embeddings={limit}"
             )
-        if self.config.sliding_window and past + S > self.config.sliding_window:
-            raise ValueError(
-                f"sequence length {past + S} exceeds sliding_window={self.config.sliding_window}; looplm runs "
-                "full attention and is exact only within the window"
-            )
         cos, sin = self.rotary(positions, self.dtype)
+        ctx = _Context(cos, sin, *self._mask(key_valid, past, past, S), cache)
+        if self.config.has_sliding:
+            # a sliding layer's keys are the positions its cache keeps (the last window − 1) and the new ones
+            kept = past if cache is None else cache.sliding_kept
+            cos_l, sin_l = (cos, sin) if self.rotary_local is None else self.rotary_local(positions, self.dtype)
+            if kept == past and past + S <= self.config.sliding_window:  # the window does not bind
+                ctx.sliding = _Attend(cos_l, sin_l, ctx.mask, ctx.is_causal)
+            else:
+                mask, _ = self._mask(key_valid[:, past - kept :], kept, past, S, window=self.config.sliding_window)
+                ctx.sliding = _Attend(cos_l, sin_l, mask, False)
+        return ctx
+
+    @staticmethod
+    def _mask(key_valid: torch.Tensor, kept: int, past: int, S: int,
+              window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(mask (B, 1, S, kept + S) or None, is_causal) for S new positions after `past` ones, of which the
+        keys hold the last `kept`. Key columns are cache positions: a left-padded row's tokens are contiguous,
+        so a column distance is a position distance. window: a query sees keys less than `window` back."""
+        B, dev = key_valid.shape[0], key_valid.device
         all_valid = bool(key_valid.all())
-        if all_valid and past == 0:
-            return _Context(cos, sin, None, S > 1, cache)
-        if all_valid and S == 1:
-            return _Context(cos, sin, None, False, cache)
-        T = past + S
-        q_pos = torch.arange(past, T, device=input_ids.device)[:, None]  # (S, 1)
-        k_pos = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
-        causal = k_pos <= q_pos  # (S, T)
+        if window is None and all_valid and (past == 0 or S == 1):
+            return None, past == 0 and S > 1
+        q_pos = torch.arange(past, past + S, device=dev)[:, None]  # (S, 1)
+        k_pos = torch.arange(past - kept, past + S, device=dev)[None, :]  # (1, kept + S)
+        allowed = k_pos <= q_pos  # (S, T)
+        if window is not None:
+            allowed = allowed & (q_pos - k_pos < window)
         # a padded query attends to itself so no row is all -inf (NaN would leak into its K/V)
-        mask = causal[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])  # (B, S, T)
-        return _Context(cos, sin, mask[:, None], False, cache)
+        mask = allowed[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])  # (B, S, T)
+        return mask[:, None], False
+
+    def packed_context(self, positions: torch.Tensor, mask: torch.Tensor) -> _Context:
+        """A cache-free context from explicit RoPE positions (B, S) and a mask (B, 1, S, S) (packed items):
+        sliding layers see the keys of `mask` less than a window back in position."""
+        cos, sin = self.rotary(positions, self.dtype)
+        ctx = _Context(cos, sin, mask, False, None)
+        if self.config.has_sliding:
+            cos_l, sin_l = (cos, sin) if self.rotary_local is None else self.rotary_local(positions, self.dtype)
+            near = (positions[:, :, None] - positions[:, None, :]) < self.config.sliding_window  # (B, S, S)
+            ctx.sliding = _Attend(cos_l, sin_l, mask & near[:, None], False)
+        return ctx

@@ -215,18 +215,17 @@ def check_searchable(model: LoopedLM) -> None:
     """The search runs the model's layers as one plain stack; a model with loop machinery is not that."""
     cfg = model.config
     if cfg.loop_norm or cfg.injection != "none":
-        raise ValueError(f"block search needs a plain pretrained model (Llama/Qwen2/Mistral/SmolLM2); this one has "
+        raise ValueError(f"block search needs a plain pretrained model (Llama/Qwen/Mistral/SmolLM2/Gemma-3); this one has "
                          f"loop_norm={cfg.loop_norm}, injection={cfg.injection!r}")
 
 
 def _context(model: LoopedLM, p: Packed) -> _Context:
-    cos, sin = model.rotary(p.positions.to(model.device), model.dtype)
-    return _Context(cos, sin, p.mask.to(model.device), False, None)
+    return model.packed_context(p.positions.to(model.device), p.mask.to(model.device))
 
 
 def unlooped_states(model: LoopedLM, p: Packed, ctx: _Context) -> list[torch.Tensor]:
     """h[l] = the hidden state entering layer l (h[0] embeddings, h[N] after the last layer), each (B, S, D)."""
-    h = [model.embed_tokens(p.ids.to(model.device))]
+    h = [model.token_embedding(p.ids.to(model.device))]
     for layer_idx, layer in enumerate(model.layers):
         h.append(layer(h[-1], ctx, layer_idx, 0))
     return h
@@ -241,7 +240,7 @@ def choice_logliks(model: LoopedLM, p: Packed, x: torch.Tensor, ctx: _Context, s
     # the context's last position predicts every choice's first token: run the head there once
     where, inverse = torch.unique(p.rows * S + p.cols, return_inverse=True)
     h = x.flatten(0, 1)[where.to(dev)]  # (U, D)
-    logp = torch.log_softmax(model.lm_head(model.norm(h)).float(), -1)  # (U, V)
+    logp = torch.log_softmax(model.softcap(model.lm_head(model.norm(h))).float(), -1)  # (U, V)
     tok = logp[inverse.to(dev), p.targets.to(dev)].double()  # (P,)
     C = sum(len(it.choices) for it in p.items)
     return torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, p.choice_of.to(dev), tok).cpu()
