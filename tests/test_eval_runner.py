@@ -185,3 +185,44 @@ def test_core_and_dtype_separate_runs():
     b = runner.RunConfig("m", "t", loops=2, core="2:4")
     assert a.key() != b.key() and a.filename() != b.filename()
     assert a.key() != runner.RunConfig("m", "t", loops=2, core="1:3", dtype="bfloat16").key()
+
+
+def test_a_resumed_run_reports_the_time_its_items_took(tmp_path):
+    """Issue 12: a run resumed from its cache reported `s/item 0.00` (only this session's time counted)."""
+    m = model()
+    task = mc_task(6)
+    cfg = runner.RunConfig("toy", "toy-mc", loops=2)
+    path = tmp_path / "t.jsonl"
+
+    def crash(n):
+        if n == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(m, TOK, task, cfg, cache_path=path, batch_size=2, progress=False, on_batch=crash)
+    cached = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(cached) == 4 and all(r["seconds"] > 0 for r in cached)
+    resumed = runner.evaluate(m, TOK, task, cfg, cache_path=path, batch_size=2, progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert resumed["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+    assert resumed["seconds_per_item"] == pytest.approx(resumed["wall_seconds"] / 6) and resumed["seconds_per_item"] > 0
+    again = runner.evaluate(m, TOK, task, cfg, cache_path=path, batch_size=2, progress=False)  # all from the cache
+    assert again["seconds_per_item"] == resumed["seconds_per_item"] > 0
+    assert all("seconds" not in r for r in again["items"])  # the run's items stay what was scored
+
+
+def test_a_sweep_is_checked_whole_before_its_first_run(tmp_path, monkeypatch):
+    """Issue 12: the README's sweep failed at `--exit q:0.3` (no exit gate) after its static runs."""
+    gateless = tiny_model(vocab_size=257, max_position_embeddings=256)
+    configs = runner.sweep_configs("toy", "toy-mc", loops=[1, 2], exits=["conv:0.1", "q:0.3"], kvs=["per_loop", "last"])
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=r"loops=2 exit=q:0.3 kv=per_loop.*needs an exit gate"):
+        runner.run_sweep(gateless, TOK, mc_task(2), configs, tmp_path)
+    with pytest.raises(ValueError, match="min=3 > the 2 loops"):
+        runner.check_sweep(gateless, TOK, mc_task(2), runner.sweep_configs("toy", "toy-mc", loops=[2], exits=["conv:0.1,min=3"], kvs=["last"]))
+    with pytest.raises(ValueError, match="bogus"):
+        runner.check_sweep(gateless, TOK, mc_task(2), [runner.RunConfig("toy", "toy-mc", loops=2, kv="bogus")])
+    long = Task(name="toy-mc", kind="mc", items=[Item(id="x", prompt="y" * 300, choices=[" a"], answer=0)])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        runner.check_sweep(gateless, TOK, long, configs[:1])
+    assert not list(tmp_path.iterdir())

@@ -10,18 +10,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from looplm.cache import check_strategy
-from looplm.evaluation.runner import encode_prompt, write_json
-from looplm.exits import parse_exit
+# Only typer at the top: torch, transformers and the rest are imported inside the subcommands, so
+# `looplm --help` (and a mistyped option) answer at once (issue 12).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Looped language models: compute and memory budgets per request.")
 
-DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+# Options that several subcommands share.
+Threads = Annotated[Optional[int], typer.Option(
+    help="CPU threads for torch (torch.set_num_threads). Default: torch's own, one per physical core; "
+         "use 1 or 2 when other jobs share the CPU (decode slows several-fold when threads are oversubscribed).")]
+Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        import looplm
+
+        print(f"looplm {looplm.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print looplm's version and exit.")] = False,
+) -> None:
     """Looped language models: compute and memory budgets per request."""
 
 
@@ -30,10 +44,44 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _setup(*, threads: int | None, device: str | None = None) -> None:
+    """Check --threads and --device before any work (one-line errors), then set torch's threads."""
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be ≥ 1, got {threads}")
+    import torch
+
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as e:
+            _fail(str(e))
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def check_device(device: str) -> None:
+    """ValueError naming --device unless it is cpu, or cuda[:N] with that GPU present."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {device!r}: {why} (torch {torch.__version__}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0..)")
+
+
 @app.command()
 def generate(
-    prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt text; repeat for a batch.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf; default SmolLM2-135M-Instruct.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt text; repeat for a batch. Without it, the prompt is read from stdin (piped).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf (converted once, cached); default SmolLM2-135M-Instruct.")] = None,
     loops: Annotated[Optional[int], typer.Option(help="Loops of the core per token (default: the model's); the cap with --exit.")] = None,
     exit: Annotated[Optional[str], typer.Option("--exit", help="Exit policy per token, e.g. q:0.6, conv:0.02, kl:1e-3, entropy:1.0, 'q:0.6|conv:0.02,min=2'.")] = None,
     core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
@@ -45,15 +93,25 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (each prompt gets its own generator).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Wrap prompts in the model's chat template (default: when it has one).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print tokens, loops per token, KV bytes and timings as JSON.")] = False,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: for one prompt). With --json: a JSON line per new token ({prompt, token, text, loops}) before the report.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    device: Device = "cpu",
+    threads: Threads = None,
 ) -> None:
-    """Generate text from a looped (or ordinary) model with a fixed loop count and a KV strategy."""
+    """Generate text from a looped (or ordinary) model with a fixed loop count and a KV strategy.
 
-    import looplm
+    The prompt comes from --prompt (repeat it for a batch) or, without it, from stdin:
+    `echo "Why is the sky blue?" | looplm generate`."""
+    _setup(threads=threads, device=device)
+    from looplm.engine import stop_tokens_for, stream as stream_tokens
+    from looplm.evaluation.runner import encode_prompt
 
-    prompts = prompt or [DEFAULT_PROMPT]
+    prompts = _read_prompts(prompt)
+    streaming = (len(prompts) == 1 and not json_out) if stream is None else stream
+    if streaming and len(prompts) > 1 and not json_out:
+        _fail(f"--stream prints one prompt's text as it comes; with {len(prompts)} prompts add --json (a JSON line per token)")
     try:
+        _check_budget(kvs=[kv], exits=[exit] if exit else [])
         t0 = time.perf_counter()
         path, net, tok = _load(model, dtype, device, core=_block(core))
         load_seconds = time.perf_counter() - t0
@@ -61,12 +119,18 @@ def generate(
         if use_chat and not getattr(tok, "chat_template", None):
             _fail(f"{path} has no chat template; use --raw")
         ids = [encode_prompt(tok, p, chat=use_chat) for p in prompts]
-        stop = looplm.engine.stop_tokens_for(net.config, tok)
-        gen = looplm.stream(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, exit=exit, kv=kv, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop, pad_token_id=tok.pad_token_id)
+        stop = stop_tokens_for(net.config, tok)
+        gen = stream_tokens(net, ids, max_new_tokens=max_new_tokens, num_loops=loops, exit=exit, kv=kv,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop,
+                            pad_token_id=tok.pad_token_id)
     except ValueError as e:  # bad input: a clear message, no traceback
         _fail(str(e))
-    _run_with_progress(gen, tok, single=len(prompts) == 1 and not json_out)
+    if streaming and json_out:
+        _stream_json(gen, tok)
+    elif streaming:
+        _stream_text(gen, tok)
+    else:
+        _run_with_progress(gen)
     res = gen.result()
     texts = [tok.decode([t for t in toks if t not in stop]) for toks in res.new_tokens]
     histogram = _loops_histogram(res.loops_per_token, gen.num_loops)
@@ -95,6 +159,8 @@ def generate(
         for p, t in zip(prompts, texts):
             typer.secho(f"> {p}", bold=True)
             print(t.strip() + "\n")
+    elif not streaming:
+        print(texts[0])
     if gen.policy is not None:
         bars = "  ".join(f"{r}:{'#' * round(20 * n / max(1, res.num_new_tokens))}{n}" for r, n in histogram.items())
         typer.secho(f"[loops per token under {res.exit_policy}: mean {res.mean_loops:.2f} of {gen.num_loops}  {bars}]",
@@ -122,23 +188,24 @@ def calibrate(
     seq_len: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result (and the frontier) as JSON.")] = False,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    device: Device = "cpu",
+    threads: Threads = None,
 ) -> None:
     """Find the exit threshold that hits a target mean loop count (or quality loss) on calibration text."""
     import dataclasses
     from pathlib import Path
 
-
-    import looplm
+    _setup(threads=threads, device=device)
+    from looplm.calibrate import calibrate as find_threshold
 
     if not Path(text).is_file():
         _fail(f"calibration text {text!r} does not exist")
     try:
         _, net, tok = _load(model, dtype, device, core=_block(core))
         ids = tok(Path(text).read_text())["input_ids"][skip_tokens:]
-        cal = looplm.calibrate(net, [ids], policy=policy, target_mean_loops=target_mean_loops,
-                               max_quality_loss=max_quality_loss, num_loops=loops, tokenizer=tok, seq_len=seq_len,
-                               max_tokens=max_tokens, min_loops=min_loops, progress=True)
+        cal = find_threshold(net, [ids], policy=policy, target_mean_loops=target_mean_loops,
+                             max_quality_loss=max_quality_loss, num_loops=loops, tokenizer=tok, seq_len=seq_len,
+                             max_tokens=max_tokens, min_loops=min_loops, progress=True)
     except ValueError as e:
         _fail(str(e))
     if json_out:
@@ -205,12 +272,14 @@ def retrofit_search(
     out: Annotated[str, typer.Option(help="Output dir: search.json, heatmap.png and the resumable cache (.cache/).")] = "out/retrofit-search",
     rows: Annotated[int, typer.Option(help="Candidates shown in the table.")] = 15,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Score every block i..j-1 looped r times on a probe split by log-likelihood (the prelude and loop 1
     are reused across candidates), rank against the unlooped model with paired bootstrap intervals,
     re-score the top k on held-out items, draw a heatmap of Δscore over (i, j). Resumes when interrupted."""
     from pathlib import Path
 
+    _setup(threads=threads)
     from looplm import retrofit_search as rs
     from looplm.evaluation import tasks
 
@@ -245,11 +314,13 @@ def analyze(
     max_tokens: Annotated[int, typer.Option(help="Tokens of text to use.")] = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     out: Annotated[str, typer.Option(help="Output dir for analysis.json and analysis.png.")] = "out/analyze",
+    threads: Threads = None,
 ) -> None:
     """Per loop and per layer: hidden-state change and cosine between loops (fixed point?), logit-lens entropy."""
     import copy
     from pathlib import Path
 
+    _setup(threads=threads)
     from looplm import analysis
     from looplm.calibrate import chunk_tokens
     from looplm.checkpoint import with_loops
@@ -286,14 +357,18 @@ def train(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore (and delete) checkpoints in output_dir; start over.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this global step, ≥ 1 (checkpoint kept; run again to go on).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into output_dir whatever it holds. Without it, output_dir must be absent, empty or a looplm training dir (checkpoints/, log.jsonl, recipe.json, model/ and nothing of yours), which it resumes.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch per process (= the override train.threads=N). Default: the recipe's train.threads, else torch's own, one per physical core.")] = None,
 ) -> None:
     """Train a looped model from a recipe; resumes from the newest checkpoint in its output_dir.
 
     Runs on this CPU as is, and unchanged on many GPUs: `accelerate launch -m looplm train RECIPE` or
     `torchrun --nproc_per_node N -m looplm train RECIPE` (DDP; FSDP through `accelerate config`).
     """
+    _setup(threads=threads)
     from looplm.train import fit, load_recipe
 
+    if threads is not None:  # the trainer sets the recipe's threads: the option overrides the recipe
+        overrides = [*(overrides or []), f"train.threads={threads}"]
     if max_steps is not None and max_steps < 1:
         _fail(f"--max-steps must be ≥ 1, got {max_steps} (no step would write an untrained model)")
     try:
@@ -315,9 +390,11 @@ def demo(
     out: Annotated[str, typer.Option(help="Where to write demo.png and demo.json: a dir that is absent, empty or a previous demo's output.")] = "out/demo",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write demo.png and demo.json into --out whatever it holds (other files stay; a file at --out is replaced).")] = False,
+    threads: Threads = None,
 ) -> None:
     """The bundled looped model on held-out multi-hop problems: accuracy × loops × difficulty, mean loops
     under Q-exit by difficulty, KV memory and speed per strategy; writes a PNG of the curves."""
+    _setup(threads=threads)
     from looplm import demo as demo_mod
     from looplm.outputs import check_output, is_demo_output
 
@@ -359,13 +436,18 @@ def eval_run(
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for few-shot sampling and bootstrap.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT/TASK whatever it holds (files of other names stay; a file at --out is replaced).")] = False,
+    threads: Threads = None,
 ) -> None:
-    """Evaluate a task over a sweep of loops × exit policies × KV strategies; resumes interrupted sweeps."""
+    """Evaluate a task over a sweep of loops × exit policies × KV strategies; resumes interrupted sweeps.
+
+    The whole sweep is checked before the first run starts (e.g. q:0.6 needs a model with an exit gate)."""
     if ctx.invoked_subcommand is not None:
         return
     from pathlib import Path
+
+    _setup(threads=threads, device=device)
 
     from looplm.evaluation import report, runner, tasks
     from looplm.outputs import check_output, is_eval_output, prepare_output_dir
@@ -384,25 +466,28 @@ def eval_run(
         loop_list = [int(x) for x in loops.split(",")] if loops else [None]
     except ValueError:
         _fail(f"--loops {loops!r} must be comma-separated integers")
+    if any(x is not None and x < 1 for x in loop_list):
+        _fail(f"--loops {loops!r}: loop counts must be ≥ 1")
     try:
         kvs = [k.strip() for k in kv.split(",") if k.strip()]
-        for k in kvs:
-            check_strategy(k)
         exits = runner.split_policies(exit)
-        for e in exits:
-            parse_exit(e)
-        path, net, tok = _load(model, dtype, device, core=_block(core), num_loops=max((x for x in loop_list if x), default=None))
+        _check_budget(kvs=kvs, exits=exits)
+        num_loops = max((x for x in loop_list if x), default=None)
         if task == "refusal":
+            if exits:
+                raise ValueError(f"--exit {exit!r}: --task refusal sweeps --loops and --kv only")
             from looplm.evaluation import refusal
 
+            path, net, tok = _load(model, dtype, device, core=_block(core), num_loops=num_loops)
             refusal.main(net, tok, data_dir=data_dir, loops=loop_list, kvs=kvs, limit=limit, out=Path(out), seed=seed)
             return
-        the_task = tasks.load_task(task, data_dir=data_dir, shots=shots, limit=limit, seed=seed)
+        the_task = tasks.load_task(task, data_dir=data_dir, shots=shots, limit=limit, seed=seed)  # before the model
+        path, net, tok = _load(model, dtype, device, core=_block(core), num_loops=num_loops)
         use_chat = (the_task.kind == "gen" and bool(getattr(tok, "chat_template", None))) if chat is None else chat
         configs = runner.sweep_configs(path, task, loops=loop_list, exits=exits, kvs=kvs, shots=shots, limit=limit,
                                        chat=use_chat, seed=seed, core=core, dtype=DTYPES.get(dtype, dtype))
         out_dir = Path(out) / task.replace(":", "_").replace("/", "_")
-        paths = runner.run_sweep(net, tok, the_task, configs, out_dir, batch_size=batch_size)
+        paths = runner.run_sweep(net, tok, the_task, configs, out_dir, batch_size=batch_size)  # checks the whole sweep first
     except ValueError as e:
         _fail(str(e))
     rep = report.write_report(paths, out_dir)
@@ -449,13 +534,37 @@ def _load(model: str | None, dtype: str, device: str, *, core=None, num_loops=No
     """(path, model, tokenizer) for --model (default: SmolLM2-135M-Instruct); ValueError on bad input."""
     import torch
 
-    import looplm
+    from looplm.checkpoint import default_model_dir, load, load_tokenizer  # not looplm.load: no transformers models
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    path = model or str(looplm.default_model_dir())
-    net = looplm.load(path, core=core, num_loops=num_loops, dtype=getattr(torch, DTYPES[dtype]), device=device)
-    return path, net, looplm.load_tokenizer(path)
+    path = model or str(default_model_dir())
+    net = load(path, core=core, num_loops=num_loops, dtype=getattr(torch, DTYPES[dtype]), device=device)
+    # a .gguf loads from its cached conversion, which holds the tokenizer too (reading it from the GGUF is slow)
+    return path, net, load_tokenizer(getattr(net, "name_or_path", path))
+
+
+def _check_budget(*, kvs: list[str], exits: list[str]) -> None:
+    """ValueError for a KV strategy or exit policy that does not parse (before a model is loaded)."""
+    from looplm.cache import check_strategy
+    from looplm.exits import parse_exit
+
+    for k in kvs:
+        check_strategy(k)
+    for e in exits:
+        parse_exit(e)
+
+
+def _read_prompts(prompt: list[str] | None) -> list[str]:
+    """--prompt, else the whole of a piped stdin as one prompt; an error when there is neither."""
+    if prompt:
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        _fail("no prompt: pass --prompt TEXT (repeat it for a batch) or pipe the prompt on stdin")
+    text = sys.stdin.read()
+    if not text.strip():
+        _fail("no prompt: stdin was empty; pass --prompt TEXT or pipe the prompt on stdin")
+    return [text.rstrip("\n")]
 
 
 def _loops_histogram(loops_per_token, num_loops: int) -> dict[str, int]:
@@ -464,19 +573,59 @@ def _loops_histogram(loops_per_token, num_loops: int) -> dict[str, int]:
     return {str(r): n for r, n in zip(range(1, num_loops + 1), counts)}
 
 
-def _run_with_progress(gen, tok, *, single: bool) -> None:
-    """Stream one prompt's text as it comes; show a progress bar for a batch."""
-    if single:
-        shown, toks = "", []
-        for step in gen:
-            if bool(step.active[0]) and int(step.tokens[0]) not in gen.stop.tolist():
-                toks.append(int(step.tokens[0]))
-                text = tok.decode(toks)
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-        sys.stdout.write("\n")
-        return
+class _Detokenizer:
+    """Per row, the text its new tokens add (stop tokens dropped): decode the row's tokens so far and
+    print what is new, so multi-byte characters split across tokens come out whole."""
+
+    def __init__(self, gen, tok):
+        self.tok, self.stop = tok, set(gen.stop.tolist())
+        self.tokens: list[list[int]] = [[] for _ in gen.ids]
+        self.shown = ["" for _ in gen.ids]
+
+    def add(self, step):
+        """(row, token, text delta, loops) for every row that produced a token this step."""
+        for i, (t, active, loops) in enumerate(zip(step.tokens.tolist(), step.active.tolist(), step.loops.tolist())):
+            if not active:
+                continue
+            delta = ""
+            if t not in self.stop:
+                self.tokens[i].append(t)
+                text = self.tok.decode(self.tokens[i])
+                if not text.endswith("\ufffd"):  # wait for the rest of a split character
+                    delta, self.shown[i] = text[len(self.shown[i]):], text
+            yield i, t, delta, loops
+
+    def rest(self):
+        """(row, text not shown yet) at the end: a character that never completed."""
+        for i, toks in enumerate(self.tokens):
+            text = self.tok.decode(toks)
+            if text != self.shown[i]:
+                yield i, text[len(self.shown[i]):]
+
+
+def _stream_text(gen, tok) -> None:
+    """One prompt's text as it comes."""
+    detok = _Detokenizer(gen, tok)
+    for step in gen:
+        for _, _, delta, _ in detok.add(step):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    sys.stdout.write("".join(text for _, text in detok.rest()) + "\n")
+
+
+def _stream_json(gen, tok) -> None:
+    """A JSON line per new token of every row, {"prompt": row, "token": id, "text": delta, "loops": n}
+    (and, at the end, {"prompt": row, "token": null, "text": rest, "loops": null} for an unfinished character)."""
+    detok = _Detokenizer(gen, tok)
+    for step in gen:
+        for i, t, delta, loops in detok.add(step):
+            print(json.dumps({"prompt": i, "token": t, "text": delta, "loops": loops}), flush=True)
+    for i, text in detok.rest():
+        print(json.dumps({"prompt": i, "token": None, "text": text, "loops": None}), flush=True)
+
+
+def _run_with_progress(gen) -> None:
+    """Generate to the end with a progress bar (on a terminal)."""
     from tqdm import tqdm
 
     for _ in tqdm(gen, total=gen.max_new_tokens, desc="decode", unit="step", disable=not sys.stderr.isatty()):

@@ -3,6 +3,8 @@
 Every item's result is appended to `<out>/.cache/<run key>.jsonl` as soon as its batch is scored, so an
 interrupted sweep resumes where it stopped; the run's JSON (config, per-item results, accuracy with a
 95% bootstrap interval, mean loops, KV bytes per token, wall time) is written atomically at the end.
+Each cached item keeps the seconds its batch took, so a resumed run reports the time its items took to
+score, whichever session scored them. A sweep is checked whole (`check_sweep`) before its first run.
 Scoring goes through `looplm.score` / `looplm.generate`, so the KV strategy and per-token exits act
 exactly as in generation.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..cache import KVCache
+from ..cache import KVCache, check_strategy
 from ..engine import Generation, score, stop_tokens_for
 from ..model import LoopedLM
 from .tasks import Item, Task
@@ -163,7 +165,10 @@ def evaluate(model: LoopedLM, tokenizer, task: Task, cfg: RunConfig, *, cache_pa
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{task.name} {cfg.label}", unit="item")
     run = {"mc": _run_mc, "gen": _run_gen, "ppl": _run_ppl}[task.kind]
     for n, batch in enumerate(batches):
-        cache.add(run(model, tokenizer, task, cfg, batch))
+        t_batch = time.perf_counter()
+        rows = run(model, tokenizer, task, cfg, batch)
+        seconds = (time.perf_counter() - t_batch) / len(rows)
+        cache.add({**r, "seconds": seconds} for r in rows)  # the batch's time, shared by its items
         if bar is not None:
             bar.update(len(batch))
         if on_batch is not None:
@@ -171,8 +176,14 @@ def evaluate(model: LoopedLM, tokenizer, task: Task, cfg: RunConfig, *, cache_pa
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
-    results = [cache.done[it.id] for it in items]
-    return summarize(model, task, cfg, results, wall_seconds=wall, fresh_items=len(todo))
+    rows = [cache.done[it.id] for it in items]
+    results = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    timed = [r["seconds"] for r in rows if "seconds" in r]  # caches written before items kept their time lack it
+    if len(timed) == len(rows):  # every item's time, this session's or a resumed one's (issue 12: not 0.00)
+        wall_seconds, per_item = sum(timed), sum(timed) / len(timed)
+    else:
+        wall_seconds, per_item = wall, (wall / len(todo) if todo else math.nan)
+    return summarize(model, task, cfg, results, wall_seconds=wall_seconds, seconds_per_item=per_item)
 
 
 def _run_mc(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> list[dict]:
@@ -288,7 +299,9 @@ def check_lengths(model: LoopedLM, tokenizer, task: Task, cfg: RunConfig) -> Non
 
 
 def summarize(model: LoopedLM, task: Task, cfg: RunConfig, results: list[dict], *, wall_seconds: float,
-              fresh_items: int) -> dict:
+              seconds_per_item: float) -> dict:
+    """The run's JSON. wall_seconds: the time spent scoring its items (summed over the sessions of a
+    resumed run); seconds_per_item: that time per item."""
     metrics: dict[str, Any] = {}
     if task.kind == "ppl":
         nll = [r["nll"] for r in results]
@@ -320,7 +333,7 @@ def summarize(model: LoopedLM, task: Task, cfg: RunConfig, results: list[dict], 
         "max_loops": R,
         "kv_bytes_per_token": kv_cache.bytes_per_token,
         "wall_seconds": wall_seconds,
-        "seconds_per_item": wall_seconds / max(1, fresh_items),
+        "seconds_per_item": seconds_per_item,
         "items": results,
     }
 
@@ -358,8 +371,26 @@ def sweep_configs(model: str, task: str, *, loops: Sequence[int | None], exits: 
     return out
 
 
+def check_sweep(model: LoopedLM, tokenizer, task: Task, configs: Sequence[RunConfig]) -> None:
+    """ValueError naming the first run of a sweep that cannot run: an unknown KV strategy, an exit policy
+    the model cannot follow (q: needs an exit gate; min= above the loops run), a bad loop count, prompts
+    longer than the model's positions. Checked before any run starts, so a bad point of the sweep fails
+    in seconds, not after the runs before it (issue 12)."""
+    if not task.items:
+        raise ValueError(f"task {task.name!r} has no items to score (check --limit)")
+    for cfg in configs:
+        try:
+            check_strategy(cfg.kv)
+            model.resolve_budget(cfg.loops, cfg.exit)
+        except ValueError as e:
+            raise ValueError(f"run {cfg.label!r}: {e}") from None
+    for chat in {cfg.chat for cfg in configs}:
+        check_lengths(model, tokenizer, task, next(cfg for cfg in configs if cfg.chat == chat))
+
+
 def run_sweep(model: LoopedLM, tokenizer, task: Task, configs: Sequence[RunConfig], out_dir: Path, *,
               batch_size: int = 8, progress: bool = True) -> list[Path]:
+    check_sweep(model, tokenizer, task, configs)
     paths = []
     for cfg in configs:
         path = out_dir / cfg.filename()
