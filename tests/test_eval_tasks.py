@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from looplm.evaluation.tasks import TASK_NAMES, Item, TaskError, default_data_dir, gsm8k_answer, load_task
+from looplm.evaluation.tasks import (TASK_NAMES, Item, TaskError, default_data_dir, gsm8k_answer, load_task,
+                                     mc_predictions)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -135,6 +136,38 @@ def test_ppl_tasks(data_dir, tmp_path):
     assert all(len(it.prompt) <= 2000 and it.prompt.endswith("\n") for it in shakespeare.items[:-1])
     path = write(tmp_path / "t.txt", "line\n" * 1000)
     assert [len(it.prompt) for it in load_task(f"text:{path}").items] == [2000, 2000, 1000]
+
+
+# --- lm-eval's multiple-choice conventions (issue 12) ------------------------------------------------
+
+
+def test_choices_keep_their_whitespace_as_lm_eval(tmp_path):
+    """lm-eval scores target_delimiter + choice with the choice as written; stripping "$1 " drops a token."""
+    rows = [{"question": "If you have a 'sawbuck' how much money do you have?", "choices": ["$1 ", "$5 ", " $10", "$20"],
+             "answer_index": 2}]
+    path = write(tmp_path / "ws.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    it = load_task(f"mc:{path}").items[0]
+    assert it.choices == [" $1 ", " $5 ", "  $10", " $20"] and it.target_delimiter == " "
+    csv_path = write(tmp_path / "ws.csv", "question,choices,answer_index\nq?,a |b,1\n")
+    assert load_task(f"mc:{csv_path}").items[0].choices == [" a ", " b"]
+    demo = load_task(f"mc:{write(tmp_path / 'two.jsonl', (json.dumps(rows[0]) + chr(10)) * 2)}", shots=1).items[0]
+    assert demo.prompt.startswith("Question: If you have a 'sawbuck' how much money do you have?\nAnswer:  $10\n\n")
+
+
+def test_mc_predictions_normalise_per_character_of_the_choice():
+    # lm-eval: acc_norm = argmax(ll / len(choice)), characters of the choice without the " " delimiter
+    it = Item("x", "Q:", [" ab", " éé"], 0)  # 2 characters each; " éé" is 5 bytes, " ab" 3
+    assert mc_predictions(it, [-2.0, -2.1]) == (0, 0)
+    # per byte with the delimiter (the old rule) would pick 1 here: -2.0/3 = -0.667 < -2.4/5 = -0.48
+    assert mc_predictions(it, [-2.0, -2.4]) == (0, 0)
+    long = Item("y", "Q:", [" a", " abcd"], 0)
+    # -1/1 < -3/4 picks " abcd"; counting the delimiter (-1/2 > -3/5) would flip it back to " a"
+    assert mc_predictions(long, [-1.0, -3.0]) == (0, 1)
+    assert mc_predictions(Item("z", "Q:", [" a", " b"], 0), [-1.0, -1.0]) == (0, 0)  # ties: the first, as np.argmax
+    mmlu = Item("m", "Q:", [" A", " B", " C", " D"], 0)
+    assert mc_predictions(mmlu, [-3.0, -1.0, -2.0, -4.0]) == (1, 1)
+    with_tab = Item("t", "Q:", ["\tx", "\tyy"], 0, target_delimiter="\t")
+    assert mc_predictions(with_tab, [-1.0, -1.5]) == (0, 1)
 
 
 # --- user files and errors ------------------------------------------------------------------------

@@ -210,3 +210,131 @@ def test_cli(tiny_dir, tasks_dir, tmp_path):
     assert 0.0 <= data["results"]["arc_easy_local"]["acc,none"] <= 1.0
     assert data["config"]["looplm_exit"].startswith("q:0.6")
     assert data["config"]["looplm_kv"] == "last"
+
+
+# --------------------------------------------------------------------------- parity with lm-eval's own hf backend
+
+# ARC-Easy items chosen for near-ties on SmolLM2-135M-Instruct: 0075, 0104, 0252 flip acc_norm when it divides by
+# the bytes of " " + choice instead of len(choice) (issue 12); 0009, 0060 are acc_norm ties within 0.002 per
+# character; 0010, 0068 are acc ties within 0.012 nats; 0000, 0001 plain.
+PARITY_ARC = ["0000", "0001", "0009", "0010", "0060", "0068", "0075", "0104", "0252"]
+PARITY_MMLU = 4  # the shortest MMLU val questions whose choices have leading/trailing spaces, asked as cloze
+PARITY_YAML = """task: looplm_parity
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{path}"
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer_index
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _parity_rows() -> list[dict]:
+    import csv
+
+    arc_path = SHARED_DATA / "arc" / "ARC-Easy.test.jsonl"
+    val_dir = SHARED_DATA / "mmlu" / "val"
+    if not arc_path.is_file() or not val_dir.is_dir():
+        pytest.skip(f"parity items need ARC-Easy and MMLU val under {SHARED_DATA} (the project's shared/data)")
+    arc = {r["id"]: r for r in map(json.loads, arc_path.read_text().splitlines())}
+    rows = [arc[f"ARC-Easy/test/{k}"] for k in PARITY_ARC]
+    mmlu = []
+    for path in sorted(val_dir.glob("*_val.csv")):
+        for n, (q, *choices, gold) in enumerate(csv.reader(path.open(newline=""))):
+            if any(c != c.strip() for c in choices):
+                mmlu.append({"id": f"mmlu/{path.stem}/{n}", "question": q, "choices": choices,
+                             "answer_index": "ABCD".index(gold.strip())})
+    mmlu.sort(key=lambda r: len(r["question"]) + sum(map(len, r["choices"])))
+    return rows + mmlu[:PARITY_MMLU]
+
+
+@pytest.fixture(scope="module")
+def parity(smollm2_dir, tmp_path_factory):
+    """The parity items, and lm-eval's per-item samples from its `hf` backend (HFLM) and from our adapter."""
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    rows = _parity_rows()
+    where = tmp_path_factory.mktemp("parity")
+    (where / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (where / "parity.yaml").write_text(PARITY_YAML.format(path=(where / "items.jsonl").as_posix()))
+    tm = TaskManager(include_path=str(where), include_defaults=False)
+    mp = pytest.MonkeyPatch()
+    for k, v in OFFLINE.items():
+        mp.setenv(k, v)
+    lms = {"hf": HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=8),
+           "looplm": adapter.LoopLMEval(pretrained=str(smollm2_dir), device="cpu", batch_size=8)}
+    samples = {}
+    try:
+        for name, lm in lms.items():
+            out = lm_eval.simple_evaluate(model=lm, tasks=["looplm_parity"], task_manager=tm, log_samples=True)
+            samples[name] = {s["doc"]["id"]: s for s in out["samples"]["looplm_parity"]}
+    finally:
+        mp.undo()
+    return where / "items.jsonl", rows, samples, lms
+
+
+def _lm_eval_decisions(sample) -> tuple[list[float], int, int]:
+    """The sample's log-likelihoods, and pred / pred_norm recomputed by lm-eval's own rule (task.py)."""
+    import numpy as np
+
+    lls = [float(ll) for ll, _ in sample["filtered_resps"]]
+    chars = np.array([float(len(c)) for c in sample["doc"]["choices"]])
+    return lls, int(np.argmax(lls)), int(np.argmax(np.array(lls) / chars))
+
+
+def test_eval_multiple_choice_matches_lm_eval_hf_backend(smollm2_dir, parity):
+    """`looplm eval` scores lm-eval's items as lm-eval's `hf` backend does: the same per-choice
+    log-likelihoods (to 1e-4) and the same acc / acc_norm decisions, on ARC-Easy near-ties and on MMLU
+    choices that end in a space (issue 12)."""
+    from looplm.evaluation import runner
+    from looplm.evaluation.tasks import load_task
+
+    path, rows, samples, _ = parity
+    hf = samples["hf"]
+    task = load_task(f"mc:{path}")
+    model, tok = looplm.load(smollm2_dir), looplm.load_tokenizer(smollm2_dir)
+    run = runner.evaluate(model, tok, task, runner.RunConfig(str(smollm2_dir), f"mc:{path}"), progress=False)
+    assert [r["id"] for r in run["items"]] == [r["id"] for r in rows] and set(hf) == {r["id"] for r in rows}
+    old_norm_flips = 0
+    for it, got in zip(task.items, run["items"]):
+        want = hf[it.id]
+        lls, pred, pred_norm = _lm_eval_decisions(want)
+        assert [a for _, a in want["arguments"]] == it.choices  # " " + choice, whitespace kept
+        assert got["loglik"] == pytest.approx(lls, abs=1e-4), it.id
+        assert (got["pred"], got["pred_norm"]) == (pred, pred_norm), it.id
+        assert (got["correct"], got["correct_norm"]) == (want["acc"], want["acc_norm"]), it.id
+        per_byte = [ll / len(c.encode()) for ll, c in zip(lls, it.choices)]  # the rule before issue 12
+        old_norm_flips += max(range(len(lls)), key=per_byte.__getitem__) != pred_norm
+    assert run["metrics"]["accuracy"] == pytest.approx(sum(s["acc"] for s in hf.values()) / len(hf))
+    assert run["metrics"]["accuracy_norm"] == pytest.approx(sum(s["acc_norm"] for s in hf.values()) / len(hf))
+    # the items still discriminate: the old per-byte rule flips some decisions, and stripping changes tokens
+    assert old_norm_flips >= 2
+    mmlu = [it for it in task.items if it.id.startswith("mmlu/")]
+    assert all(any(len(tok.encode(it.prompt + c)) != len(tok.encode(it.prompt + " " + c.strip())) for c in it.choices)
+               for it in mmlu)
+
+
+def test_adapter_matches_lm_eval_hf_backend(parity):
+    """Through lm-eval itself, the "looplm" model gives the `hf` backend's log-likelihoods and metrics."""
+    _, rows, samples, lms = parity
+    for r in rows:
+        want, got = samples["hf"][r["id"]], samples["looplm"][r["id"]]
+        assert _lm_eval_decisions(got)[0] == pytest.approx(_lm_eval_decisions(want)[0], abs=1e-4), r["id"]
+        assert [g for _, g in got["filtered_resps"]] == [g for _, g in want["filtered_resps"]], r["id"]
+        assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"]), r["id"]
+    # greedy generation: the same text
+    reqs = [Instance("generate_until", {}, (f"Question: {r['question']}\nAnswer:", {"until": ["\n\n"], "max_gen_toks": 16}), i)
+            for i, r in enumerate(rows[:2])]
+    assert lms["looplm"].generate_until(reqs) == lms["hf"].generate_until(reqs)

@@ -26,7 +26,7 @@ import torch
 from ..cache import KVCache, check_strategy
 from ..engine import Generation, score, stop_tokens_for
 from ..model import LoopedLM
-from .tasks import Item, Task
+from .tasks import Item, Task, mc_predictions
 
 SCHEMA = 1
 
@@ -104,10 +104,12 @@ def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:
 
 
 def encode_pair(tokenizer, context_ids: list[int], context: str, continuation: str, *, chat: bool) -> list[int]:
-    """Continuation tokens as the tokenizer splits context + continuation (leading spaces merge)."""
+    """Continuation tokens as lm-eval's `_encode_pair` splits them: encode context + continuation and drop
+    as many tokens as the context has, even where a token straddles the boundary (issue 12). The context
+    must not end in whitespace (lm-eval moves it into the continuation; tasks.py prompts end in "Answer:")."""
     if not chat:
         whole = list(tokenizer(context + continuation)["input_ids"])
-        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+        if len(whole) > len(context_ids):
             return whole[len(context_ids) :]
     return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
@@ -199,9 +201,8 @@ def _run_mc(model, tokenizer, task: Task, cfg: RunConfig, batch: list[Item]) -> 
     for it in batch:
         n = len(it.choices)
         lls = [sum(lp) for lp in res.logprobs[k : k + n]]
-        norm = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, it.choices)]  # per byte, like lm-eval
         loops = [x for row in res.loops[k : k + n] for x in row]
-        pred, pred_norm = max(range(n), key=lls.__getitem__), max(range(n), key=norm.__getitem__)
+        pred, pred_norm = mc_predictions(it, lls)  # lm-eval's acc / acc_norm (per character of the choice)
         out.append({"id": it.id, "answer": it.answer, "pred": pred, "pred_norm": pred_norm,
                     "correct": float(pred == it.answer), "correct_norm": float(pred_norm == it.answer),
                     "loglik": lls, "loops": sum(loops) / len(loops), "tokens": len(loops)})

@@ -8,7 +8,7 @@
     tinystories, shakespeare  ppl  TinyStories split on blank lines; Shakespeare in ~2000-char chunks
     text:<path>               ppl  any UTF-8 file, ~2000-char chunks on line boundaries
     mc:<path>                 mc   JSONL {"question","choices","answer_index"} or CSV with header
-                                   question,choices(separated by '|'),answer_index
+                                   question,choices(separated by '|'),answer_index; choices as written
     gen:<path>                gen  JSONL {"prompt" or "question", "answer"}; normalised exact match,
                                    numeric compare when both sides are numbers
 
@@ -17,6 +17,12 @@ from the path given. Few-shot demonstrations are joined with "\\n\\n", sampled p
 `random.Random(seed)` and never include the evaluated item; `limit` keeps the first N items in file
 order. `shots` is ignored for ppl tasks. Every problem in the input raises `TaskError` naming the file
 (and line) instead of skipping rows.
+
+Multiple choice follows lm-evaluation-harness (lm_eval/api/task.py, `multiple_choice`) so the two report the
+same numbers for the same items: each choice is scored as the continuation `target_delimiter + choice` with
+the choice exactly as written (no stripping: "$1 " keeps its space), `accuracy` takes the highest summed
+log-likelihood and `accuracy_norm` the highest log-likelihood per character of the choice itself
+(`len(choice)`, without the delimiter); see `mc_predictions` and issue 12.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ class TaskError(ValueError):
 class Item:
     id: str
     prompt: str  # full prompt text incl. few-shot examples (no chat template applied)
-    choices: list[str] | None = None  # mc: continuations to score, each starting with a space
+    choices: list[str] | None = None  # mc: continuations to score: target_delimiter + the choice as written
     answer: int | str | None = None  # mc: index of the correct choice; gen: gold string; ppl: None
+    target_delimiter: str = " "  # mc: what each continuation starts with (lm-eval's target_delimiter)
 
 
 @dataclass
@@ -118,6 +125,17 @@ def answers_match(pred: str, gold: str) -> bool:
     return a is not None and a == b
 
 
+def mc_predictions(item: Item, lls: list[float]) -> tuple[int, int]:
+    """(pred, pred_norm) for one mc item from its choices' summed log-likelihoods, as lm-eval's
+    `multiple_choice` process_results: argmax of `lls`, and argmax of `lls / len(choice)` where choice is
+    the continuation without the delimiter, counted in characters (not bytes). Ties go to the first
+    choice (np.argmax)."""
+    assert item.choices is not None and len(lls) == len(item.choices)
+    lengths = [len(c.removeprefix(item.target_delimiter)) for c in item.choices]
+    norm = [ll / max(1, n) for ll, n in zip(lls, lengths)]  # lm-eval divides by 0 for an empty choice
+    return max(range(len(lls)), key=lls.__getitem__), max(range(len(lls)), key=norm.__getitem__)
+
+
 # --- reading files --------------------------------------------------------------------------------
 
 
@@ -178,7 +196,7 @@ def _check_mc(choices: Any, answer: int, path: Path, n: int | str) -> list[str]:
         raise _err(path, n, f"'choices' must be a non-empty list of non-empty strings, got {choices!r}")
     if not 0 <= answer < len(choices):
         raise _err(path, n, f"answer_index {answer} out of range for {len(choices)} choices")
-    return [c.strip() for c in choices]
+    return list(choices)  # as written: lm-eval scores " " + choice without stripping it (issue 12)
 
 
 McRecord = tuple[str, str, list[str], int]  # id, question, choices, answer index
