@@ -60,8 +60,10 @@ REPO = Path(__file__).resolve().parent.parent
 TINYSTORIES = Path("text/tinystories_val.txt")
 GSM8K = Path("gsm8k/test.jsonl")
 ANSWER_SEP = "\nAnswer: "
-POLICY_STYLE = {"q": ("tab:blue", "Q-exit (gate CDF ≥ q)"), "conv": ("tab:orange", "conv (‖Δh‖/‖h‖ < tol)"),
-                "kl": ("tab:green", "kl (KL(p_r‖p_r−1) < tol)")}
+# colour, line style (each its own: the curves meet at the ends, issue 12), label
+POLICY_STYLE = {"q": ("tab:blue", "-", "Q-exit (gate CDF ≥ q)"),
+                "conv": ("tab:orange", "--", "conv (‖Δh‖/‖h‖ < tol)"),
+                "kl": ("tab:green", "-.", "kl (KL(p_r‖p_r−1) < tol)")}
 
 
 # --------------------------------------------------------------------------- data
@@ -279,12 +281,14 @@ def plot(results: dict, path: Path, R: int, suptitle: str) -> None:
     for i, m in enumerate(models):
         for j, d in enumerate(datasets):
             ax, cur = axes[i][j], results[m][d]
+            every_y = [cur["oracle"]["nll"]]
             for kind in ("q", "conv", "kl"):
                 if kind in cur:
-                    color, label = POLICY_STYLE[kind]
+                    color, style, label = POLICY_STYLE[kind]
                     xs = [p["mean_loops"] for p in cur[kind]]
                     ys = [p["nll"] for p in cur[kind]]
-                    ax.plot(xs, ys, "-", color=color, lw=1.6, marker=".", ms=4, label=label, alpha=0.9)
+                    every_y += ys
+                    ax.plot(xs, ys, style, color=color, lw=1.6, marker=".", ms=4, label=label, alpha=0.8)
             sx = [s["loops"] for s in cur["static"]]
             sy = [s["nll"] for s in cur["static"]]
             ax.plot(sx, sy, "ks", ms=8, label="static R", zorder=5)
@@ -297,7 +301,8 @@ def plot(results: dict, path: Path, R: int, suptitle: str) -> None:
             ax.set_ylabel("mean next-token NLL (nats)")
             ax.set_xticks(range(1, R + 1))
             ax.set_xlim(0.85, R + 0.3)
-            ax.set_ylim(top=max(sy) + 0.08 * (max(sy) - min(sy + [cur["oracle"]["nll"]])))
+            every_y += sy  # the axis holds every plotted point (issue 12), with room for the R labels
+            ax.set_ylim(top=max(every_y) + 0.08 * (max(every_y) - min(every_y)))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
     fig.suptitle(suptitle, fontsize=11)

@@ -335,6 +335,6 @@ def test_adapter_matches_lm_eval_hf_backend(parity):
         assert [g for _, g in got["filtered_resps"]] == [g for _, g in want["filtered_resps"]], r["id"]
         assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"]), r["id"]
     # greedy generation: the same text
-    reqs = [Instance("generate_until", {}, (f"Question: {r['question']}\nAnswer:", {"until": ["\n\n"], "max_gen_toks": 16}), i)
-            for i, r in enumerate(rows[:2])]
+    gen = {"until": ["\n\n"], "max_gen_toks": 16}
+    reqs = [Instance("generate_until", {}, (f"Question: {r['question']}\nAnswer:", gen), i) for i, r in enumerate(rows[:2])]
     assert lms["looplm"].generate_until(reqs) == lms["hf"].generate_until(reqs)

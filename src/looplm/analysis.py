@@ -83,17 +83,20 @@ def plot(results: list[LoopDiagnostics], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import integer_ticks, layered
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for d in results:
+    for k, d in enumerate(results):  # blocks often agree at loop 1: layered so each line stays visible
         loops = range(1, d.loops + 1)
-        label = f"core {d.core[0]}:{d.core[1]}"
-        axes[0].plot(loops, d.rel_change, "o-", label=label)
-        axes[1].plot(loops, d.cosine, "o-", label=label)
-        axes[2].plot(loops, d.entropy, "o-", label=label)
+        style = dict(label=f"core {d.core[0]}:{d.core[1]}", **layered(k, len(results)))
+        axes[0].plot(loops, d.rel_change, **style)
+        axes[1].plot(loops, d.cosine, **style)
+        axes[2].plot(loops, d.entropy, **style)
     for ax, title in zip(axes, ("‖h_r − h_{r−1}‖ / ‖h_r‖", "cos(h_r, h_{r−1})", "logit-lens entropy (nats)")):
         ax.set(xlabel="loop", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        integer_ticks(ax.xaxis)
     axes[0].set_yscale("log")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,13 +166,16 @@ def plot(res: DemoResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import layered
+
     unit = "hops" if res.task == "chain" else "ops"
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for d in res.difficulties:
-        a.plot(res.loops, [100 * x for x in res.accuracy[str(d)]], marker="o", label=f"{d} {unit}")
+    n = len(res.difficulties)
+    for k, d in enumerate(res.difficulties):  # several lines sit at 100%: layered so each stays visible
+        a.plot(res.loops, [100 * x for x in res.accuracy[str(d)]], label=f"{d} {unit}", **layered(k, n))
     a.set(xlabel="loops R", ylabel="held-out accuracy (%)", title="Held-out accuracy vs loops, by difficulty",
-          xticks=res.loops, ylim=(0, 102))
-    a.legend(fontsize=8)
+          xticks=res.loops, ylim=(-5, 105), yticks=range(0, 101, 20))  # markers at 0 and 100% whole
+    a.legend(fontsize=8, loc="center left")
     hops = res.difficulties
     b.bar([str(d) for d in hops], [res.exit_mean_loops[str(d)] for d in hops], color="tab:blue")
     for i, d in enumerate(hops):

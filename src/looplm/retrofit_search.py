@@ -535,6 +535,8 @@ def heatmap(res: SearchResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import integer_ticks
+
     N = res.num_layers
     loop_counts = sorted({r.candidate.loops for r in res.ranked})
     grids = {r: torch.full((N + 1, N), math.nan) for r in loop_counts}  # [j, i]
@@ -547,6 +549,7 @@ def heatmap(res: SearchResult, path: Path) -> Path:
         im = ax.imshow(grids[r].numpy(), origin="lower", cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto",
                        interpolation="nearest")
         ax.set(xlabel="start layer i", ylabel="end layer j (block i..j-1)", title=f"r = {r} loops")
+        integer_ticks(ax.xaxis, ax.yaxis)  # layer indices: no 0.5 ticks on a small model
     unit = "accuracy" if res.metric == "acc" else "NLL drop (nats/token)"
     fig.colorbar(im, ax=list(axes[0]), label=f"Δ {unit} vs unlooped")
     fig.suptitle(f"{res.task}: {res.probe_items} probe items, unlooped {res.metric} = "

@@ -18,6 +18,7 @@ import torch
 
 from ..engine import generate, stop_tokens_for
 from ..model import LoopedLM
+from ..plotting import integer_ticks, layered
 from .runner import encode_prompt, write_json
 from .tasks import TaskError, default_data_dir
 
@@ -154,17 +155,23 @@ def _plots(result: dict, states: torch.Tensor, y: torch.Tensor, out: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for kv in sorted({r["kv"] for r in result["refusal"]}):
+    kvs = sorted({r["kv"] for r in result["refusal"]})
+    series = [(kv, which) for kv in kvs for which in ("harmful", "benign")]
+    for k, (kv, which) in enumerate(series):  # harmful and benign often coincide (both 0): keep both visible
         rs = [r for r in result["refusal"] if r["kv"] == kv]
-        a.plot([r["loops"] for r in rs], [r["refusal_harmful"] for r in rs], "o-", label=f"harmful (kv={kv})")
-        a.plot([r["loops"] for r in rs], [r["refusal_benign"] for r in rs], "s--", label=f"benign (kv={kv})")
-    a.set(xlabel="loops", ylabel="refusal rate (keyword markers)", title="refusal vs loops")
+        a.plot([r["loops"] for r in rs], [r[f"refusal_{which}"] for r in rs], label=f"{which} (kv={kv})",
+               **layered(k, len(series)))
+    # rates: the whole 0..1 range, so a rate of 0 sits on the axis, not in its middle (issue 12)
+    a.set(xlabel="loops", ylabel="refusal rate (keyword markers)", title="refusal vs loops", ylim=(-0.04, 1.04))
     a.legend(fontsize=8)
     probes = result["probe_accuracy_by_loop"]
     b.plot(range(1, len(probes) + 1), probes, "o-")
-    b.set(xlabel="loop", ylabel="5-fold probe accuracy", title="harmful vs benign, last-token state", ylim=(0.4, 1.02))
+    b.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    b.set(xlabel="loop", ylabel="5-fold probe accuracy", title="harmful vs benign, last-token state", ylim=(0, 1.02))
+    b.legend(fontsize=8)
     for ax in (a, b):
         ax.grid(alpha=0.3)
+        integer_ticks(ax.xaxis)
     fig.tight_layout()
     fig.savefig(out / "refusal_vs_loops.png", dpi=120)
     plt.close(fig)

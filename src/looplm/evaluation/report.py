@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ..plotting import dodge, integer_ticks, layered
 from .runner import paired_difference
 
 
@@ -82,10 +83,13 @@ def plots(runs: list[dict], out_dir: Path, *, prefix: str = "") -> list[Path]:
         by_kv = defaultdict(list)
         for r in static:
             by_kv[r["config"]["kv"]].append(r)
-        for kv, rs in sorted(by_kv.items()):
+        for k, (kv, rs) in enumerate(sorted(by_kv.items())):
             rs.sort(key=lambda r: r["max_loops"])
-            xs = [r["max_loops"] for r in rs]
-            ax.errorbar(xs, [_score(r) for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=f"kv={kv}")
+            xs = [r["max_loops"] + dodge(k, len(by_kv)) for r in rs]  # equal scores stay apart (issue 12)
+            style = layered(k, len(by_kv))
+            ax.errorbar(xs, [_score(r) for r in rs], yerr=_yerr(rs), capsize=3, elinewidth=style["linewidth"] / 2,
+                        label=f"kv={kv}", **style)
+        integer_ticks(ax.xaxis)
         finish(fig, ax, "metric_vs_loops", "loops (static)")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -94,10 +98,12 @@ def plots(runs: list[dict], out_dir: Path, *, prefix: str = "") -> list[Path]:
         exit = r["config"]["exit"]
         family = "static" if not exit else exit.split(":")[0]
         families[(family, r["config"]["kv"])].append(r)
-    for (family, kv), rs in sorted(families.items()):
+    for k, ((family, kv), rs) in enumerate(sorted(families.items())):
         rs.sort(key=lambda r: r["mean_loops"])
-        ax.errorbar([r["mean_loops"] for r in rs], [_score(r) for r in rs], yerr=_yerr(rs), marker="o",
-                    capsize=3, label=f"{family} (kv={kv})", linestyle="-" if family != "static" else "--")
+        style = layered(k, len(families))  # a policy at the same point as a static run stays visible
+        ax.errorbar([r["mean_loops"] for r in rs], [_score(r) for r in rs], yerr=_yerr(rs), capsize=3,
+                    elinewidth=style["linewidth"] / 2, label=f"{family} (kv={kv})", **style)
+    integer_ticks(ax.xaxis)
     finish(fig, ax, "frontier", "mean loops per token")
 
     kvs = sorted({r["config"]["kv"] for r in runs})
