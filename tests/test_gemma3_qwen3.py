@@ -202,3 +202,56 @@ def test_unsupported_hf_options_are_refused(tmp_path):
         config_from_hf({**qwen3_config().to_dict(), "hidden_act": "relu"})
     with pytest.raises(CheckpointError, match="multimodal Gemma-3"):
         config_from_hf({"model_type": "gemma3", "text_config": d})
+
+
+# ------------------------------------------------------------------ every feature on the Gemma shape
+
+
+@pytest.mark.parametrize("exit", [None, "conv:0.3", "kl:0.05", "entropy:3.5", "q:0.5"])
+def test_eval_scores_a_gemma_like_model_as_an_independent_forward(exit):
+    from test_eval_runner import TOK, loglik_by_hand, mc_task
+
+    from looplm.evaluation import runner
+
+    m = _sliding_tiny(vocab_size=257, max_position_embeddings=256)  # window 3 ≪ the ~25-byte prompts
+    task = mc_task(4)
+    for kv in looplm.cache.STRATEGIES:
+        run = runner.evaluate(m, TOK, task, runner.RunConfig("toy", "toy-mc", loops=4, exit=exit, kv=kv),
+                              progress=False)
+        assert 1 <= run["mean_loops"] <= 4
+        if exit is None and kv == "per_loop":  # shared KV scores continuations as decode steps would
+            for item, row in zip(task.items, run["items"]):
+                want = [loglik_by_hand(m, item.prompt, c) for c in item.choices]
+                assert row["loglik"] == pytest.approx(want, abs=1e-4)
+
+
+def test_retrofit_search_reuse_on_the_gemma_shape():
+    """score_batch (packed items, a sliding window by position) ≡ looplm.load(core=(i, j)) + score per candidate."""
+    import looplm.retrofit_search as rs
+    from test_retrofit_search import TOK, naive_logliks, random_items
+
+    model = tiny_model(vocab_size=257, num_prelude_layers=0, num_core_layers=6, num_coda_layers=0, num_loops=1,
+                       max_position_embeddings=256, norm_style="sandwich", qk_norm=True, rms_norm_offset=1.0,
+                       embed_scale=32**0.5, hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=12.0,
+                       sliding_window=6, rope_local_base_freq=100.0, final_logit_softcapping=8.0,
+                       layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 3)
+    items = rs.encode_items(TOK, random_items(5, seed=3))
+    cands = [rs.Candidate(0, 2, 2), rs.Candidate(2, 4, 3), rs.Candidate(3, 6, 2)]
+    got = rs.score_batch(model, rs.pack(items, width=80), cands)
+    for key, cand in [(rs.BASE, None)] + [(c.key, c) for c in cands]:
+        want = naive_logliks(model, items, cand)
+        torch.testing.assert_close(torch.tensor([got[key][it.id] for it in items], dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+
+
+def test_a_gemma_like_looplm_dir_round_trips_and_loads_in_transformers(tmp_path):
+    import looplm.hf  # noqa: F401  (registers the Auto classes)
+
+    model = _sliding_tiny()
+    looplm.save(model, tmp_path / "m")
+    ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(looplm.load(tmp_path / "m")(ids).logits, want, atol=0, rtol=0)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-6, rtol=1e-6)
