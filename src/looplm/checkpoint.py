@@ -288,7 +288,7 @@ def build(config: LoopConfig, tensors: dict[str, torch.Tensor], *, where: str,
 
 def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_loops: int | None = None,
          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoopedLM:
-    """Load an Ouro checkpoint dir, a looplm dir, an HF Llama/Qwen2/Mistral dir, or a .gguf file.
+    """Load an Ouro checkpoint dir, a looplm dir, an HF Llama/Qwen2/Qwen3/Mistral/Gemma-3 dir, or a .gguf file.
 
     core=(i, j): layers i..j-1 become the looped core, the layers before it the prelude and after it
     the coda (the weights are held once; nothing is copied). num_loops: the default loop count R.
@@ -327,7 +327,7 @@ def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.P
     own dir, are copied). task: the synthetic task card, looplm_task.json (what `looplm demo` reads).
 
     Tensor names carry the `model.` prefix of the HF wrapper (`looplm.hf.LoopLMForCausalLM`), so the
-    same dir loads with `transformers.AutoModelForCausalLM` after `import looplm`.
+    same dir loads with `transformers.AutoModelForCausalLM` after `import looplm.hf` (or `looplm.save`).
     """
     path = check_output(path, ours=is_looplm_checkpoint, what="a looplm checkpoint", overwrite=overwrite)
     src = tokenizer_from or getattr(model, "name_or_path", None)
