@@ -284,3 +284,14 @@ def test_a_trained_synthetic_model_runs_in_the_demo(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert data["model"] == str(out / "model") and data["difficulties"] == [1, 2] and data["loops"] == [1, 2, 3]
+
+
+
+def test_every_shipped_recipe_loads():
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = {p.name: load_recipe(p) for p in sorted(root.glob("*.yaml"))}
+    assert {"bundled.yaml", "tinystories.yaml", "tinystories-gpu.yaml"} <= set(recipes)
+    cpu, gpu = recipes["tinystories.yaml"], recipes["tinystories-gpu.yaml"]
+    # the CPU recipe is the GPU one scaled down: a step reads out ≥ 30× fewer tokens (docs/training.md)
+    assert cpu.train.batch_size * cpu.data.seq_len * 30 <= gpu.train.batch_size * gpu.data.seq_len
+    assert cpu.output_dir != gpu.output_dir
