@@ -3,10 +3,12 @@
 The rule, for every command that saves (`looplm.save`, `retrofit --save`, `train`, `eval --out`,
 `demo --out`, recipes/bundle.py):
 
-    absent path                    created
+    absent path, or an empty dir   created (nothing there to lose)
     a looplm checkpoint dir        replaced (config.json says model_type "looplm" and the dir holds
                                    nothing but files looplm writes there: a model card of yours stops it)
-    an output dir of the command   written into (it holds only what the same command writes there)
+    an output dir of the command   written into: it holds only what the same command writes there
+                                   (train: checkpoints/, log.jsonl, recipe.json, model/; demo: demo.json
+                                   and demo.png; eval: run JSONs, report.md, plots, .cache/)
     anything else                  refused with an error naming the path, unless overwrite=True
                                    (--overwrite): a checkpoint path is then replaced whole, an output dir
                                    is written into (files of other names in it are kept; a file at its
@@ -56,7 +58,7 @@ def holds_only(path: Path, patterns: tuple[str, ...]) -> bool:
     atomic write, `.NAME.….tmp`, included)."""
     if not path.is_dir():
         return False
-    return all(_matches(p.name, patterns) or p.name.startswith(".") and p.name.endswith(".tmp")
+    return all(_matches(p.name, patterns) or (p.name.startswith(".") and p.name.endswith(".tmp"))
                for p in path.iterdir())
 
 

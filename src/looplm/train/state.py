@@ -60,14 +60,14 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 
 def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
-                    tokenizer=None, keep: int = 2) -> Path:
+                    tokenizer=None, task: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then drop all but the newest `keep`."""
     path = root / "checkpoints" / f"step-{step:06d}"
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
     rng = {"torch_rng": torch.get_rng_state()}
 
     def write(tmp: Path) -> None:
-        save(model, tmp / "model", tokenizer=tokenizer)
+        save(model, tmp / "model", tokenizer=tokenizer, task=task)  # a looplm dir the demo runs too
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         full = {**state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),

@@ -337,7 +337,8 @@ def fit(recipe: Recipe, *, resume: bool = True, progress: bool = True, max_steps
                 accel.wait_for_everyone()
                 if accel.is_main_process:
                     ckpt.save_checkpoint(out_dir, step, model=accel.unwrap_model(objective).model, optimizer=optimizer,
-                                         scheduler=scheduler, tokenizer=tokenizer, keep=tc.keep_checkpoints,
+                                         scheduler=scheduler, tokenizer=tokenizer, task=recipe.task_card(),
+                                         keep=tc.keep_checkpoints,
                                          state={"phase": phase_idx, "fingerprint": fingerprint,
                                                 "recipe": recipe.name})
         model = accel.unwrap_model(objective).model
@@ -371,8 +372,8 @@ def _resume(out_dir: Path, fingerprint: str, *, set_aside: bool):
             continue
         for bad, why in corrupt:
             aside = ckpt.set_aside(bad) if set_aside else bad
-            log.warning("looplm: checkpoint %s is corrupt (%s); resuming from %s (the corrupt one is kept as %s)",
-                        bad, why, path.name, aside.name)
+            log.warning("looplm: corrupt checkpoint: %s; resuming from %s (the corrupt one is kept as %s)",
+                        why, path.name, aside.name)
         return result
     if corrupt:
         raise CheckpointError(f"no checkpoint in {out_dir / 'checkpoints'} reads back: "
