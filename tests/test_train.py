@@ -286,7 +286,6 @@ def test_a_trained_synthetic_model_runs_in_the_demo(tmp_path):
     assert data["model"] == str(out / "model") and data["difficulties"] == [1, 2] and data["loops"] == [1, 2, 3]
 
 
-
 def test_every_shipped_recipe_loads():
     root = Path(__file__).resolve().parents[1] / "recipes"
     recipes = {p.name: load_recipe(p) for p in sorted(root.glob("*.yaml"))}
