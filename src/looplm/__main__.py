@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 import time
 from typing import Annotated, Optional
 
@@ -237,16 +236,16 @@ def retrofit(
     (`looplm retrofit --core I:J --save DIR`); `looplm retrofit search` finds which block to loop."""
     if ctx.invoked_subcommand is not None:
         return
-    import looplm
+    from looplm.checkpoint import default_model_dir, load, save as save_dir  # not looplm.load: no transformers
     from looplm.outputs import check_output, is_looplm_checkpoint
 
     if core is None or save is None:
         _fail("--core and --save are required (or use `looplm retrofit search ...`)")
     try:
         check_output(save, ours=is_looplm_checkpoint, what="a looplm checkpoint", overwrite=overwrite)  # before loading
-        path = model or str(looplm.default_model_dir())
-        net = looplm.load(path, core=_block(core), num_loops=loops)
-        out = looplm.save(net, save, tokenizer_from=path, overwrite=overwrite)
+        path = model or str(default_model_dir())
+        net = load(path, core=_block(core), num_loops=loops)
+        out = save_dir(net, save, tokenizer_from=path, overwrite=overwrite)
     except (ValueError, OSError) as e:
         _fail(str(e))
     c = net.config
