@@ -160,8 +160,11 @@ def test_bad_ids_and_masks_are_clear_errors():
         looplm.generate(model, ids, attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
         looplm.generate(model, ids, attention_mask=torch.tensor([[0, 0, 0]]), max_new_tokens=2)
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        looplm.generate(tiny_model(sliding_window=8), [[1, 2, 3, 4, 5]], max_new_tokens=10)
+    # past the window a sliding model runs (issue 12: real sliding-window attention), a bad window is refused
+    res = looplm.generate(tiny_model(sliding_window=8), [[1, 2, 3, 4, 5]], max_new_tokens=10, stop_tokens=[])
+    assert len(res.new_tokens[0]) == 10
+    with pytest.raises(ValueError, match="sliding_window must be ≥ 1 or None, got 0"):
+        tiny_model(sliding_window=0)
 
 
 def test_reported_policy_keeps_its_bounds():
