@@ -64,7 +64,7 @@ def test_cli_bad_input_is_one_clear_line(smollm2_dir):
     runner = CliRunner()
     for args, needle in [(["--kv", "bogus"], "bogus"), (["--loops", "0"], "num_loops"),
                          (["--model", "/no/such/dir"], "/no/such/dir")]:
-        result = runner.invoke(app, ["generate", "--model", str(smollm2_dir), *args])
+        result = runner.invoke(app, ["generate", "--model", str(smollm2_dir), "--prompt", "Hi.", *args])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
 
 
