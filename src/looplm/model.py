@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config import LoopConfig
 from .exits import ExitPolicy, LoopTracker, Static, parse_exit
@@ -160,6 +160,9 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh)
         view = ctx.sliding if self.sliding and ctx.sliding is not None else ctx  # a sliding layer's RoPE and mask
         q, k = apply_rope(q, view.cos, view.sin), apply_rope(k, view.cos, view.sin)
+        if ctx.attend is not None:  # the engine's packed step: it stores K/V and attends row by row
+            y = ctx.attend(self, q, k, v, layer_idx)  # (1, H, N, Dh)
+            return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = keys kept + S
         if ctx.collect is not None:
@@ -269,6 +272,9 @@ class _Context:
     cache: KVCache | None
     rows: torch.Tensor | None = None  # the batch rows computed (None: all); the rest stopped looping
     sliding: _Attend | None = None
+    # the engine (looplm.batching): attend(attention, q, k, v, layer_idx) → y stores K/V and attends for a packed
+    # step of many requests, each at its own loop and position (x is (1, N, D): every row's tokens side by side)
+    attend: Callable[..., torch.Tensor] | None = None
     # training only (LoopObjective's last_kv steps): collect each layer's K/V; replay core layers' last-loop
     # K/V to the positions ≥ decode_from, as decode steps under kv="last" see them
     collect: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None

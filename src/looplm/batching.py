@@ -1,0 +1,487 @@
+"""The request-level engine: continuous batching, scheduled loop by loop.
+
+    engine = Engine(model, kv="last", max_loops=4, max_batch_size=32, max_tokens=8192)
+    rid = engine.add_request(prompt_ids, max_new_tokens=64, exit="q:0.6")
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...          # RequestOutput: new tokens of this step, their loops
+
+One step = schedule → execute → update. The unit of work is an *item*: a request's tokens at one loop —
+one decoding token, or a chunk of its prompt. A step runs **one pass of the core** over every item, each
+at its own loop: the items' tokens sit side by side in one packed (1, N, D) tensor, so projections and
+MLPs are one matmul over all of them; attention stores each item's K/V in its own pool row and attends
+item by item (decoding tokens grouped by loop index). After the pass, an item whose exit policy fires
+(or that ran its request's last loop) is read out and sampled; its next token starts loop 1 in the next
+step, while other items are still deeper. Prompts are chunked under a per-step token budget
+(`max_step_tokens`) and share steps with decoding tokens; a chunk runs all its loops, one per step.
+
+Exactness: an item reads only its own request's KV, so a request's tokens and loops do not depend on
+its batch-mates or on when it joined — the same as `looplm.generate` run on it alone. Chunking does
+not change a result either: under a shared strategy (last/mean/first) a prompt keeps every loop's KV in
+a scratch buffer until its whole prefill is done, then commits what the strategy keeps, as a single-pass
+prefill does; under per_loop the pool's per-loop slots already are that. (One exception keeps exactness
+the simple way: a model with coda layers under an exit policy that reads logits prefills its prompt as
+one chunk, since those per-loop readouts write coda KV that later chunks would see.)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .cache import check_strategy
+from .engine import sample
+from .exits import ExitPolicy, LoopTracker
+from .model import LoopedLM, _Attend, _Context
+from .pool import KVPool
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_tokens: list[int]  # tokens sampled this step (0 or 1)
+    loops: list[int]  # loops each of them ran
+    logprobs: list[float]  # log p of each under the model (before temperature)
+    finished: bool
+    finish_reason: str | None  # "stop" (a stop token, included in new_tokens), "length", or None
+    num_prompt_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    order: int
+    prompt: list[int]
+    num_loops: int
+    policy: ExitPolicy | None
+    sampling: dict
+    generator: torch.Generator | None
+    stop: frozenset[int]
+    max_new_tokens: int
+    row: int = -1
+    prefilled: int = 0  # prompt positions whose chunks ran every loop
+    scratch_k: torch.Tensor | None = None  # (C, R, Hkv, prompt, Dh): per-loop prompt KV (shared strategies)
+    scratch_v: torch.Tensor | None = None
+    item: _Item | None = None  # the work in flight
+    next_token: int | None = None  # sampled, to be fed at the next step
+    tokens: list[int] = field(default_factory=list)
+    loops: list[int] = field(default_factory=list)
+
+    @property
+    def need(self) -> int:
+        return len(self.prompt) + self.max_new_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+
+@dataclass(eq=False)
+class _Item:
+    req: _Request
+    start: int  # position of the first token
+    ids: torch.Tensor  # (S,)
+    prefill: bool
+    loop: int = 0  # 0-based loop this item runs next
+    x: torch.Tensor | None = None  # (S, D) the state entering the next loop
+    e: torch.Tensor | None = None  # (S, D) the prelude's output (re-injected)
+    tracker: LoopTracker | None = None
+    exit_loop: torch.Tensor | None = None  # (S,) prefill under a policy: each position's exit loop (0: not yet)
+    exit_h: torch.Tensor | None = None  # (S, D) ... and its state there
+
+    @property
+    def size(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def final(self) -> bool:  # the last chunk of the prompt
+        return self.prefill and self.start + self.size == len(self.req.prompt)
+
+
+@dataclass
+class _Group:
+    """Decoding tokens of one attention call: their packed indices, pool rows and positions."""
+
+    loop: int
+    idx: torch.Tensor  # (n,) indices into the packed tokens
+    rows: torch.Tensor  # (n,)
+    pos: torch.Tensor  # (n,) the token's position = keys before it
+    T: int  # keys read: max(pos) + 1
+    mask: torch.Tensor | None  # (n, 1, 1, T) or None when every row sees all T keys
+    window_mask: torch.Tensor | None  # the same for sliding-window layers
+
+
+@dataclass
+class _Plan:
+    prefill: list[tuple[_Item, int]]  # (item, packed offset)
+    by_loop: list[_Group]  # decoding tokens grouped by loop (core layers: a slot per loop under per_loop)
+    all_decode: list[_Group]  # all decoding tokens in one group (prelude and coda layers)
+
+
+class Engine:
+    """Continuous batching of requests, each with its own compute budget (see the module docstring).
+
+    model: a LoopedLM. kv: the KV strategy of this engine's pool. max_loops: the most loops a request
+    may ask for (default the model's num_loops). max_batch_size: requests running at once (pool rows).
+    max_tokens: KV positions the engine may hold; a request reserves prompt + max_new_tokens and waits
+    until that fits. max_step_tokens: tokens one step may process (prompt chunks + decoding tokens).
+    """
+
+    def __init__(self, model: LoopedLM, *, kv: str = "last", max_loops: int | None = None,
+                 max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512):
+        self.model, self.config = model, model.config
+        self.kv = check_strategy(kv)
+        self.max_loops = model.resolve_loops(max_loops)
+        for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
+                            ("max_step_tokens", max_step_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+        self.max_batch_size, self.max_tokens, self.max_step_tokens = max_batch_size, max_tokens, max_step_tokens
+        self.pool = KVPool(self.config, strategy=kv, max_loops=self.max_loops, max_rows=max_batch_size,
+                           dtype=model.dtype, device=model.device)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._order = itertools.count()
+        self.reserved = 0  # positions reserved by running requests
+        self.num_steps = 0
+        self.prefill_core_layer_evals = 0  # (token, core layer) evaluations of prompt chunks
+        self.decode_core_layer_evals = 0  # ... of generated tokens
+        self._plan: _Plan | None = None
+        eos = self.config.eos_token_id
+        self.default_stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int = 64,
+                    num_loops: int | None = None, exit: str | ExitPolicy | None = None,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop_tokens: Sequence[int] | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Every check happens here, so a bad request never enters a step."""
+        cfg = self.config
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 1:
+                raise ValueError(f"prompt_ids must be one sequence of token ids, got shape {tuple(prompt_ids.shape)}")
+            prompt_ids = prompt_ids.tolist()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt: a request needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {bad[:5]}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+        if num_loops is not None and (not isinstance(num_loops, int) or isinstance(num_loops, bool)
+                                      or not 1 <= num_loops <= self.max_loops):
+            raise ValueError(f"num_loops must be an integer in [1, max_loops={self.max_loops}], got {num_loops!r}")
+        R, policy = self.model.resolve_budget(num_loops, exit)
+        if R > self.max_loops:
+            what = "the model's default num_loops" if exit is None else f"exit policy {str(exit)!r}"
+            raise ValueError(f"{what} runs {R} loops; this engine allows max_loops={self.max_loops} "
+                             f"(pass num_loops ≤ {self.max_loops})")
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        limit = cfg.max_position_embeddings
+        if len(prompt) + max_new_tokens > limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the position "
+                             f"limit max_position_embeddings={limit}")
+        if len(prompt) + max_new_tokens > self.max_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} can never fit in this "
+                             f"engine's max_tokens={self.max_tokens}")
+        stop = self.default_stop if stop_tokens is None else [int(t) for t in stop_tokens]
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        gen = None
+        if temperature > 0 and seed is not None:
+            gen = torch.Generator(device=self.model.device).manual_seed(int(seed))
+        req = _Request(rid, next(self._order), prompt, R, policy,
+                       dict(temperature=temperature, top_k=top_k, top_p=top_p), gen, frozenset(stop), max_new_tokens)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request, waiting or running; its row and reservation are free for the next step."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            raise KeyError(f"unknown request id {request_id!r} (finished, aborted, or never added)")
+        if req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            self._release(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        scratch = sum(r.scratch_k.nbytes * 2 for r in self.running if r.scratch_k is not None)
+        return dict(running=len(self.running), waiting=len(self.waiting), kv_bytes=self.pool.kv_bytes + scratch,
+                    kv_allocated_bytes=self.pool.nbytes + scratch, reserved_tokens=self.reserved,
+                    steps=self.num_steps, prefill_core_layer_evals=self.prefill_core_layer_evals,
+                    decode_core_layer_evals=self.decode_core_layer_evals)
+
+    def request_kv_bytes(self, request_id: str) -> int:
+        req = self.requests[str(request_id)]
+        if req.row < 0:
+            return 0
+        return self.pool.row_bytes(req.row) + (0 if req.scratch_k is None else 2 * req.scratch_k.nbytes)
+
+    def _release(self, req: _Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self.pool.free(req.row)
+            self.reserved -= req.need
+        req.scratch_k = req.scratch_v = req.item = None
+        if not self.running and not self.waiting:
+            self.pool.release()
+
+    # ------------------------------------------------------------------ schedule
+
+    def _admit(self) -> None:
+        """First come, first served: the head of the queue enters when a row is free and its KV fits."""
+        while self.waiting and self.pool.free_rows and self.reserved + self.waiting[0].need <= self.max_tokens:
+            req = self.waiting.popleft()
+            req.row = self.pool.acquire(req.need)
+            self.reserved += req.need
+            if self.kv != "per_loop":  # every loop's prompt KV, until the prefill commits
+                cfg = self.config
+                shape = (cfg.num_core_layers, req.num_loops, cfg.num_key_value_heads, len(req.prompt), cfg.head_dim)
+                req.scratch_k = torch.zeros(shape, dtype=self.model.dtype, device=self.model.device)
+                req.scratch_v = torch.zeros_like(req.scratch_k)
+            self.running.append(req)
+
+    def _schedule(self) -> list[_Item]:
+        budget = self.max_step_tokens
+        dev = self.model.device
+        for req in self.running:  # work in flight continues, and every decoding request gets its token
+            if req.item is None and not req.prefilling:
+                req.item = _Item(req, self.pool.lengths[req.row], torch.tensor([req.next_token], device=dev), False)
+            if req.item is not None:
+                budget -= req.item.size
+        for req in self.running:  # new prompt chunks fill what is left
+            if req.item is None and req.prefilling and budget > 0:
+                left = len(req.prompt) - req.prefilled
+                whole = self.model.coda and req.policy is not None and "logits" in req.policy.needs
+                size = left if whole else min(left, budget)
+                ids = torch.tensor(req.prompt[req.prefilled : req.prefilled + size], device=dev)
+                req.item = _Item(req, req.prefilled, ids, True)
+                budget -= size
+        return [r.item for r in self.running if r.item is not None]
+
+    # ------------------------------------------------------------------ execute
+
+    def _context(self, items: list[_Item]) -> _Context:
+        """Packed context for these items: RoPE tables per token and the attention plan."""
+        model, dev = self.model, self.model.device
+        pos = torch.cat([torch.arange(it.start, it.start + it.size, device=dev) for it in items])[None]
+        cos, sin = model.rotary(pos, model.dtype)
+        ctx = _Context(cos, sin, None, False, None, attend=self._attend)
+        if self.config.has_sliding:
+            cos_l, sin_l = (cos, sin) if model.rotary_local is None else model.rotary_local(pos, model.dtype)
+            ctx.sliding = _Attend(cos_l, sin_l, None, False)
+        prefill, decode, off = [], [], 0
+        for it in items:
+            (prefill if it.prefill else decode).append((it, off))
+            off += it.size
+        by_loop = []
+        for loop in sorted({it.loop for it, _ in decode}):
+            by_loop.append(self._group([(it, o) for it, o in decode if it.loop == loop], loop))
+        self._plan = _Plan(prefill, by_loop, [self._group(decode, -1)] if decode else [])
+        return ctx
+
+    def _group(self, members: list[tuple[_Item, int]], loop: int) -> _Group:
+        dev = self.model.device
+        idx = torch.tensor([o for _, o in members], device=dev)
+        rows = torch.tensor([it.req.row for it, _ in members], device=dev)
+        starts = [it.start for it, _ in members]
+        pos = torch.tensor(starts, device=dev)
+        T = max(starts) + 1
+        keys = torch.arange(T, device=dev)[None]
+        seen = keys <= pos[:, None]  # (n, T)
+        mask = None if min(starts) == T - 1 else seen[:, None, None]
+        window = self.config.sliding_window
+        if self.config.has_sliding and T > window:
+            window_mask = (seen & (keys > pos[:, None] - window))[:, None, None]
+        else:
+            window_mask = mask
+        return _Group(loop, idx, rows, pos, T, mask, window_mask)
+
+    def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Store the packed tokens' K/V (1, Hkv, N, Dh) where each belongs and attend: q (1, H, N, Dh) → y."""
+        plan, pool, cfg = self._plan, self.pool, self.config
+        core = cfg.is_core(layer_idx)
+        j = layer_idx - cfg.num_prelude_layers
+        shared_core = core and self.kv != "per_loop"
+        gqa = attn.n_kv != attn.n_head
+        y = torch.empty_like(q)
+        for it, off in plan.prefill:
+            S, a = it.size, it.start
+            b = a + S
+            at = slice(off, off + S)
+            if shared_core:
+                dk, dv = it.req.scratch_k[j, it.loop], it.req.scratch_v[j, it.loop]  # (Hkv, prompt, Dh)
+            else:
+                s = pool.slot(layer_idx, it.loop if core else 0)
+                dk, dv = pool.k[s, it.req.row], pool.v[s, it.req.row]  # (Hkv, capacity, Dh)
+            dk[:, a:b] = k[0, :, at]
+            dv[:, a:b] = v[0, :, at]
+            window = cfg.sliding_window if attn.sliding and b > cfg.sliding_window else None
+            mask, causal = None, S > 1
+            if a > 0 or window is not None:
+                qp = torch.arange(a, b, device=q.device)[:, None]
+                kp = torch.arange(b, device=q.device)[None]
+                allowed = kp <= qp
+                if window is not None:
+                    allowed = allowed & (qp - kp < window)
+                mask, causal = allowed[None, None], False
+            y[:, :, at] = F.scaled_dot_product_attention(
+                q[:, :, at], dk[None, :, :b], dv[None, :, :b], attn_mask=mask, is_causal=causal, scale=attn.scale,
+                enable_gqa=gqa)
+        for g in plan.by_loop if core else plan.all_decode:
+            s = pool.slot(layer_idx, g.loop if core else 0)
+            kn, vn = k[0, :, g.idx].transpose(0, 1), v[0, :, g.idx].transpose(0, 1)  # (n, Hkv, Dh)
+            pool.k[s, g.rows, :, g.pos] = kn
+            pool.v[s, g.rows, :, g.pos] = vn
+            if shared_core and self.kv != "last":
+                pool.hold(j, g.rows, g.loop, kn, vn)
+            keys = pool.k[s, :, :, : g.T].index_select(0, g.rows)  # (n, Hkv, T, Dh)
+            vals = pool.v[s, :, :, : g.T].index_select(0, g.rows)
+            qn = q[0, :, g.idx].transpose(0, 1)[:, :, None]  # (n, H, 1, Dh)
+            yn = F.scaled_dot_product_attention(qn, keys, vals, attn_mask=g.window_mask if attn.sliding else g.mask,
+                                                scale=attn.scale, enable_gqa=gqa)
+            y[0, :, g.idx] = yn[:, :, 0].transpose(0, 1)
+        return y
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one core pass over every item, read out and sample the items that exit."""
+        self._admit()
+        items = self._schedule()
+        if not items:
+            return []
+        self.num_steps += 1
+        model, cfg, C = self.model, self.config, self.config.num_core_layers
+        starting = [it for it in items if it.loop == 0]
+        if starting:  # embedding and prelude, once per token
+            ids = torch.cat([it.ids for it in starting])[None]
+            h = model.embed(ids, self._context(starting))[0]
+            for it, part in zip(starting, h.split([it.size for it in starting])):
+                it.x = it.e = part
+                if it.req.policy is not None:
+                    it.tracker = LoopTracker(it.req.policy, it.size, part.device, start_hidden=part)
+                    if it.prefill:
+                        it.exit_loop = torch.zeros(it.size, dtype=torch.long, device=part.device)
+                        it.exit_h = torch.empty_like(part)
+        # the core pass: every item one loop, injection for the items past their first loop
+        x = torch.cat([it.x for it in items])
+        e = torch.cat([it.e for it in items])
+        if cfg.injection != "none" and any(it.loop > 0 for it in items):
+            later = torch.cat([torch.full((it.size,), it.loop > 0, dtype=torch.bool) for it in items]).to(x.device)
+            x = torch.where(later[:, None], model.inject(x, e, 1), x)
+        x = model.core_loop(x[None], e[None], self._context(items), 0)[0]
+        sizes = [it.size for it in items]
+        for it, part in zip(items, x.split(sizes)):
+            it.x = part
+            if it.prefill:
+                self.prefill_core_layer_evals += it.size * C
+            else:
+                self.decode_core_layer_evals += C
+        lam = model.exit_lambda(x) if any(it.req.policy is not None for it in items) else None
+        lams = [None] * len(items) if lam is None else list(lam.split(sizes))
+        # per-loop logits for policies that read them (the readout writes coda KV, as generate's does)
+        with_logits = [i for i, it in enumerate(items) if it.req.policy is not None and "logits" in it.req.policy.needs]
+        loop_logits = {}
+        if with_logits:
+            sub = [items[i] for i in with_logits]
+            lg = model.readout(torch.cat([it.x for it in sub])[None], self._context(sub))[0]
+            loop_logits = dict(zip(with_logits, lg.split([it.size for it in sub])))
+        exiting: list[_Item] = []  # decoding tokens that leave the loop now
+        finishing: list[_Item] = []  # prompt chunks that ran their last loop
+        for i, it in enumerate(items):
+            req, loop = it.req, it.loop + 1
+            if req.policy is None:
+                done = torch.full((it.size,), loop >= req.num_loops, dtype=torch.bool)
+            else:
+                stats = it.tracker.step(loop, hidden=it.x, lam=lams[i], logits=loop_logits.get(i))
+                done = req.policy.exits(stats, req.num_loops)
+            if it.prefill:
+                if req.policy is not None:
+                    new = (it.exit_loop == 0) & done
+                    it.exit_loop = torch.where(new, loop, it.exit_loop)
+                    it.exit_h = torch.where(new[:, None], it.x, it.exit_h)
+                if loop == req.num_loops:
+                    finishing.append(it)
+            elif bool(done[0]):
+                exiting.append(it)
+            it.loop = loop
+        # readout: exiting tokens without per-loop logits, and finished chunks (coda KV at each position's exit)
+        read = [it for it in exiting if it.req.policy is None or "logits" not in it.req.policy.needs]
+        read += [it for it in finishing if model.coda or it.final]
+        logits_of: dict[int, torch.Tensor] = {}
+        if read:
+            keep, off = [], 0
+            for it in read:
+                if not it.prefill or it.final:
+                    keep.append(off + it.size - 1)
+                off += it.size
+            h = torch.cat([it.exit_h if it.prefill and it.exit_h is not None else it.x for it in read])
+            lg = model.readout(h[None], self._context(read), torch.tensor(keep, dtype=torch.long, device=h.device))[0]
+            rows = iter(lg)
+            for it in read:
+                if not it.prefill or it.final:
+                    logits_of[id(it)] = next(rows)
+        outputs: list[RequestOutput] = []
+        commits: dict[tuple[int, int], list[_Item]] = {}
+        for it in exiting:
+            req = it.req
+            if id(it) not in logits_of:
+                logits_of[id(it)] = loop_logits[next(i for i, x in enumerate(items) if x is it)][-1]
+            commits.setdefault((it.loop, req.num_loops), []).append(it)
+        for (e_loops, R), group in commits.items():
+            dev = group[0].x.device
+            rows = torch.tensor([it.req.row for it in group], device=dev)
+            pos = torch.tensor([it.start for it in group], device=dev)
+            self.pool.commit_token(rows, pos, e_loops, R)
+        for it in finishing:
+            req = it.req
+            req.prefilled = it.start + it.size
+            self.pool.lengths[req.row] = req.prefilled
+            req.item = None
+            if it.final:
+                if req.scratch_k is not None:
+                    self.pool.commit_prompt(req.row, 0, req.scratch_k, req.scratch_v, req.num_loops)
+                    req.scratch_k = req.scratch_v = None
+                loops = int(it.exit_loop[-1]) if it.exit_loop is not None else req.num_loops
+                outputs.append(self._emit(req, logits_of[id(it)], loops))
+        for it in exiting:
+            it.req.item = None
+            outputs.append(self._emit(it.req, logits_of[id(it)], it.loop))
+        outputs.sort(key=lambda o: self.requests[o.request_id].order)
+        for o in outputs:
+            if o.finished:
+                self._release(self.requests.pop(o.request_id))
+        return outputs
+
+    def _emit(self, req: _Request, logits: torch.Tensor, loops: int) -> RequestOutput:
+        """Sample the request's next token from logits (V,) and say whether it is done."""
+        tok = int(sample(logits[None], generators=None if req.generator is None else [req.generator],
+                         **req.sampling)[0])
+        logp = float(torch.log_softmax(logits.float(), -1)[tok])
+        req.tokens.append(tok)
+        req.loops.append(loops)
+        req.next_token = tok
+        reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
+        return RequestOutput(req.id, [tok], [loops], [logp], reason is not None, reason, len(req.prompt))
