@@ -223,6 +223,21 @@ class Engine:
         else:
             self._release(req)
 
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Roll a decoding request back to its first `num_tokens` generated tokens (≥ 1): its row keeps the
+        prompt and the tokens before the last kept one, which is fed again at the next step (speculative
+        decoding rejects a draft this way). A sampling generator is not rolled back."""
+        req = self.requests.get(str(request_id))
+        if req is None or req not in self.running:
+            raise KeyError(f"unknown or not running request id {request_id!r}")
+        if req.prefilling or not 1 <= num_tokens <= len(req.tokens):
+            raise ValueError(f"truncate({request_id!r}, {num_tokens}): the request has {len(req.tokens)} generated "
+                             f"tokens{' and is still prefilling' if req.prefilling else ''}")
+        req.item = None  # a token in flight is dropped; its position is past the new length
+        del req.tokens[num_tokens:], req.loops[num_tokens:]
+        req.next_token = req.tokens[-1]
+        self.pool.truncate(req.row, len(req.prompt) + num_tokens - 1)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
