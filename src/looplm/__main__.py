@@ -414,6 +414,68 @@ def demo(
     print(f"\n{res.seconds:.0f} s; wrote {png} and {js}")
 
 
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf; default SmolLM2-135M-Instruct.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    kv: Annotated[str, typer.Option(help="KV strategies served, comma-separated (one engine and KV pool each); the first is the default, a request picks another with its `kv` field.")] = "last",
+    max_loops: Annotated[Optional[int], typer.Option(help="The most loops a request may ask for (default: the model's num_loops).")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests running at once per engine (KV pool rows).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row; past it a request gets 503.")] = 256,
+    max_kv_tokens: Annotated[Optional[int], typer.Option(help="KV positions each engine may reserve (prompt + max_tokens per running request); default max(8192, the model's context).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model's name in the API (default: the model dir's name).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LOOPLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="A Jinja chat template (a file, or the template itself) for a model whose tokenizer has none, or to replace its own.")] = None,
+    core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
+    device: Device = "cpu",
+    threads: Threads = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level: critical | error | warning | info | debug.")] = "info",
+) -> None:
+    """Serve a model with an OpenAI-compatible API (FastAPI + uvicorn): /v1/completions, /v1/chat/completions,
+    /v1/models, streaming, /health, /metrics, /tokenize, /detokenize, and a playground page at /.
+
+    Each request chooses its own budget with extra body fields: num_loops, exit (e.g. "q:0.6"), kv (one
+    of --kv). /health answers 503 while the model loads. SIGTERM stops accepting, finishes what runs, exits."""
+    from pathlib import Path
+
+    _setup(threads=threads, device=device)
+    kvs = [k.strip() for k in kv.split(",") if k.strip()]
+    try:
+        _check_budget(kvs=kvs, exits=[])
+        if not kvs or len(set(kvs)) != len(kvs):
+            raise ValueError(f"--kv {kv!r}: list each strategy once")
+        for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue), ("--port", port)):
+            if value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if max_loops is not None and max_loops < 1:
+            raise ValueError(f"--max-loops must be ≥ 1, got {max_loops}")
+        if max_kv_tokens is not None and max_kv_tokens < 1:
+            raise ValueError(f"--max-kv-tokens must be ≥ 1, got {max_kv_tokens}")
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if model is not None and not Path(model).exists():
+            raise ValueError(f"--model {model!r}: no such file or directory")
+        block = _block(core)
+        template = chat_template
+        if chat_template is not None and Path(chat_template).is_file():
+            template = Path(chat_template).read_text()
+    except ValueError as e:
+        _fail(str(e))
+    import uvicorn
+
+    from looplm.server.app import ServerOptions, create_app
+
+    def load():
+        path, net, tok = _load(model, dtype, device, core=block)
+        return net, tok, Path(path).name
+
+    opts = ServerOptions(model_name=served_model_name, kvs=kvs, max_loops=max_loops, max_batch_size=max_batch_size,
+                         max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template)
+    uvicorn.run(create_app(load, opts), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+
+
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")
 app.add_typer(eval_app, name="eval")
 

@@ -1,0 +1,293 @@
+"""The FastAPI app of `looplm serve`: OpenAI's endpoints on top of the engine driver (issue 14).
+
+    app = create_app(load, ServerOptions(kvs=["last", "per_loop"]))   # load() → (model, tokenizer, name)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+The app answers at once and loads the model in a thread: /health says 503 until it is ready, and so does
+every endpoint that needs the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .completions import Job, respond
+from .driver import Driver
+from .metrics import Metrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       check_budget, check_max_tokens)
+
+log = logging.getLogger("looplm.server")
+STATIC = Path(__file__).parent / "static"
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards (health, metrics and the page stay open)
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 512  # chat has no default in OpenAI's API: what the context leaves, at most this
+
+
+@dataclass
+class ServerOptions:
+    model_name: str | None = None  # default: the name load() returns (the model dir's)
+    kvs: list[str] = field(default_factory=lambda: ["last"])
+    max_loops: int | None = None  # default: the model's num_loops
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_kv_tokens: int | None = None  # KV positions each engine may reserve; default max(8192, the context)
+    api_key: str | None = None
+    chat_template: str | None = None  # a Jinja template for models whose tokenizer has none
+
+
+@dataclass
+class ServerState:
+    model: object
+    tokenizer: object
+    driver: Driver
+    metrics: Metrics
+    model_name: str
+    kvs: list[str]
+    max_loops: int
+    context: int
+    stop_ids: list[int]
+    chat_template: str | None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
+    """Engines (one per kv strategy, one pool each), the metrics and the driver thread, started."""
+    from looplm.batching import Engine
+    from looplm.engine import stop_tokens_for
+
+    max_loops = model.resolve_loops(opts.max_loops)
+    context = model.config.max_position_embeddings
+    max_kv = opts.max_kv_tokens or max(8192, context)
+    engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv)
+               for kv in opts.kvs}
+    metrics = Metrics(opts.model_name, opts.kvs, max_loops)
+    driver = Driver(engines, max_queue=opts.max_queue, metrics=metrics)
+    driver.start()
+    template = opts.chat_template or getattr(tokenizer, "chat_template", None) or None
+    return ServerState(model, tokenizer, driver, metrics, opts.model_name, list(opts.kvs), max_loops, context,
+                       stop_tokens_for(model.config, tokenizer), template)
+
+
+def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptions) -> FastAPI:
+    """The app; `load()` returns (model, tokenizer, name) and runs in a thread when the app starts."""
+    status = {"state": None, "error": None}
+
+    def loader() -> None:
+        try:
+            model, tokenizer, name = load()
+            opts.model_name = opts.model_name or name
+            status["state"] = build_state(model, tokenizer, opts)
+            log.info("model %s ready: kv %s, max loops %d", opts.model_name, opts.kvs, status["state"].max_loops)
+        except Exception as e:  # noqa: BLE001 — reported by /health and the log
+            log.exception("loading the model failed")
+            status["error"] = f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=loader, name="looplm-load", daemon=True)
+        thread.start()
+        yield
+        st = status["state"]
+        if st is not None:  # SIGTERM: uvicorn stopped accepting and let open requests end; now the engine
+            st.driver.stop(timeout=30)
+
+    app = FastAPI(title="looplm", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def ready() -> ServerState:
+        st = status["state"]
+        if st is None:
+            why = status["error"] or "the model is loading"
+            raise APIError(why, status=503, type="service_unavailable")
+        return st
+
+    def check_model(st: ServerState, name: str | None) -> None:
+        if name is not None and name != st.model_name:
+            raise APIError(f"model={name!r} does not exist; this server serves {st.model_name!r}", status=404,
+                           param="model", code="model_not_found")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        value = err.get("input")
+        msg = f"{param}={value!r}: {err.get('msg')}" if param else str(err.get("msg"))
+        return JSONResponse(APIError(msg, param=param, code="invalid_value").body(), status_code=400)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if opts.api_key and request.url.path.startswith(PROTECTED):
+            if request.headers.get("authorization", "") != f"Bearer {opts.api_key}":
+                err = APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        st = status["state"]
+        if st is None:
+            return JSONResponse({"status": "error" if status["error"] else "loading", "error": status["error"]},
+                                status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        st = ready()
+        return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        st = ready()
+        cfg = st.model.config
+        return {"object": "list", "data": [{
+            "id": st.model_name, "object": "model", "created": 0, "owned_by": "looplm", "max_model_len": st.context,
+            "looplm": {"kv": st.kvs, "max_loops": st.max_loops, "num_loops": min(cfg.num_loops, st.max_loops),
+                       "exit_gate": st.model.early_exit_gate is not None, "chat_template": st.chat_template is not None},
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        st = ready()
+        check_model(st, body.model)
+        budget = check_budget(body, kvs=st.kvs, max_loops=st.max_loops, default_kv=st.kvs[0])
+        if body.echo:
+            raise APIError("echo=True is not supported", param="echo", code="invalid_value")
+        if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+            raise APIError(f"logprobs={body.logprobs!r}: must be in [0, 5]", param="logprobs", code="invalid_value")
+        prompts = _completion_prompts(st, body.prompt)
+        max_new = [check_max_tokens(body.max_tokens, "max_tokens", prompt_len=len(p), context=st.context,
+                                    default=COMPLETION_DEFAULT_MAX_TOKENS) for p in prompts]
+        return await respond(_job(st, body, budget, prompts, max_new, chat=False,
+                                  logprobs=body.logprobs is not None), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        st = ready()
+        check_model(st, body.model)
+        budget = check_budget(body, kvs=st.kvs, max_loops=st.max_loops, default_kv=st.kvs[0])
+        if body.top_logprobs:
+            raise APIError(f"top_logprobs={body.top_logprobs!r}: only the sampled token's logprob is returned "
+                           "(use logprobs=true, top_logprobs 0 or unset)", param="top_logprobs", code="invalid_value")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise APIError("max_tokens and max_completion_tokens both given; send one", param="max_tokens")
+        param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+        prompt = _chat_prompt(st, body.messages)
+        value = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        max_new = check_max_tokens(value, param, prompt_len=len(prompt),
+                                   context=st.context, default=CHAT_DEFAULT_MAX_TOKENS)
+        return await respond(_job(st, body, budget, [prompt], [max_new], chat=True, logprobs=body.logprobs), request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        st = ready()
+        check_model(st, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError("send exactly one of prompt and messages", param="prompt")
+        ids = _encode(st, body.prompt) if body.prompt is not None else \
+            _chat_prompt(st, body.messages, add_generation_prompt=body.add_generation_prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": st.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        st = ready()
+        check_model(st, body.model)
+        _check_ids(st, body.tokens, "tokens")
+        return {"prompt": st.decode(body.tokens)}
+
+    return app
+
+
+def _job(st: ServerState, body, budget, prompts, max_new, *, chat: bool, logprobs: bool) -> Job:
+    return Job(st, chat, budget, prompts, max_new, stream=body.stream,
+               include_usage=bool(body.stream_options and body.stream_options.include_usage),
+               return_loops=body.return_loops, return_token_ids=body.return_token_ids, logprobs=logprobs,
+               ignore_eos=body.ignore_eos)
+
+
+def _encode(st: ServerState, text: str) -> list[int]:
+    try:
+        return list(st.tokenizer(text)["input_ids"])
+    except Exception as e:  # noqa: BLE001 — e.g. a character this tokenizer has no token for
+        raise APIError(f"prompt={text[:80]!r} cannot be tokenized: {e}", param="prompt", code="invalid_value") from None
+
+
+def _check_ids(st: ServerState, ids: list[int], param: str) -> None:
+    V = st.model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < V]
+    if bad:
+        raise APIError(f"{param}: token ids must be in [0, {V}); got {bad[:5]}", param=param, code="invalid_value")
+
+
+def _completion_prompts(st: ServerState, prompt) -> list[list[int]]:
+    """A text, a list of texts, a list of ids or a list of id lists → one id list per prompt."""
+    if isinstance(prompt, str):
+        prompts = [_encode(st, prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [_encode(st, p) for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(f"prompt={prompt!r}: every prompt needs at least one token", param="prompt",
+                       code="invalid_value")
+    if len(prompts) > 64:
+        raise APIError(f"prompt: {len(prompts)} prompts in one request; at most 64", param="prompt")
+    for p in prompts:
+        _check_ids(st, p, "prompt")
+    return prompts
+
+
+def _chat_prompt(st: ServerState, messages, *, add_generation_prompt: bool = True) -> list[int]:
+    if st.chat_template is None:
+        raise APIError(f"{st.model_name!r} has no chat template; use /v1/completions, or start the server with "
+                       "--chat-template", param="messages", code="no_chat_template")
+    if not messages:
+        raise APIError("messages=[]: at least one message", param="messages", code="invalid_value")
+    msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        out = st.tokenizer.apply_chat_template(msgs, chat_template=st.chat_template, tokenize=True,
+                                               add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 — a template that raises on these messages, an unknown character
+        raise APIError(f"messages cannot be rendered and tokenized: {e}", param="messages", code="invalid_value") from None
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    if not ids:
+        raise APIError("messages render to an empty prompt", param="messages", code="invalid_value")
+    return ids
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    """Poll url/health until 200 (for scripts and tests)."""
+    import httpx
+
+    t = time.time()
+    while time.time() - t < timeout:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
