@@ -473,6 +473,11 @@ def serve(
 
     opts = ServerOptions(model_name=served_model_name, kvs=kvs, max_loops=max_loops, max_batch_size=max_batch_size,
                          max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template)
+    import signal
+
+    # uvicorn handles SIGTERM (stop accepting, let open requests end, lifespan shutdown), then raises it again
+    # with the handler it found; an ignoring one makes that graceful end exit 0 instead of "killed by SIGTERM"
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(create_app(load, opts), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
 
 
