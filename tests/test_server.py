@@ -455,3 +455,42 @@ def test_full_queue_is_a_503_and_sigterm_finishes_what_runs(small):
     b.join(60)
     assert results["B"].status_code == 200 and results["B"].json()["usage"]["completion_tokens"] == 100
     assert small.proc.wait(60) == 0
+
+
+def test_a_failing_engine_step_fails_its_requests_and_the_driver_goes_on():
+    """An engine step that raises (a bug, out of memory) answers that engine's requests with a 500; the next
+    request runs as usual."""
+    from conftest import tiny_model
+    from looplm.batching import Engine, RequestOutput
+    from looplm.server.driver import Driver
+    from looplm.server.protocol import APIError
+
+    engine = Engine(tiny_model(), kv="last", max_batch_size=2)
+    real_step, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    engine.step = step
+    driver = Driver({"last": engine}, max_queue=4)
+    driver.start()
+
+    async def one(rid):
+        out = asyncio.Queue()
+        driver.add("last", rid, [1, 2, 3], dict(max_new_tokens=3, temperature=0.0), out)
+        items = []
+        while True:
+            item = await asyncio.wait_for(out.get(), 30)
+            items.append(item)
+            if isinstance(item, APIError) or (isinstance(item, RequestOutput) and item.finished):
+                return items
+
+    first = asyncio.run(one("a"))
+    assert isinstance(first[-1], APIError) and first[-1].status == 500 and "boom" in first[-1].message
+    second = asyncio.run(one("b"))
+    assert [len(o.new_tokens) for o in second] == [1, 1, 1] and second[-1].finish_reason == "length"
+    assert not engine.has_unfinished_requests()
+    driver.stop(timeout=10)
