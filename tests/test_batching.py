@@ -208,3 +208,25 @@ def test_default_loops_above_max_loops_is_refused():
         Engine(model, max_loops=2).add_request([1, 2])
     with pytest.raises(ValueError, match="max_batch_size must be an integer ≥ 1, got 0"):
         Engine(model, max_batch_size=0)
+
+
+def test_kv_bytes_are_accounted_per_request():
+    """Each output says the KV its request holds: positions stored × bytes per position (the last token is
+    not fed back, so prompt + generated − 1 positions); a prompt's per-loop scratch counts while it prefills."""
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    for kv in ("per_loop", "last"):
+        engine = Engine(model, kv=kv, max_loops=4, max_step_tokens=4)
+        prompt = list(range(1, 11))
+        rid = engine.add_request(prompt, max_new_tokens=5, stop_tokens=[])
+        per_token = engine.pool.bytes_per_token
+        cfg = model.config
+        scratch = 0 if kv == "per_loop" else 2 * cfg.num_core_layers * cfg.num_loops * cfg.num_key_value_heads * 10 * cfg.head_dim * 4
+        engine.step()
+        assert engine.request_kv_bytes(rid) == scratch  # the first chunk has not run its loops yet
+        n = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                n += 1
+                assert out.kv_bytes == (len(prompt) + n - 1) * per_token
+        slots = cfg.num_layers - cfg.num_core_layers + cfg.num_core_layers * (4 if kv == "per_loop" else 1)
+        assert per_token == 2 * slots * cfg.num_key_value_heads * cfg.head_dim * 4

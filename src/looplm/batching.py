@@ -51,6 +51,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" (a stop token, included in new_tokens), "length", or None
     num_prompt_tokens: int = 0
+    kv_bytes: int = 0  # KV the request holds after this step (its pool row; + its prompt scratch while prefilling)
 
 
 @dataclass(eq=False)
@@ -499,4 +500,5 @@ class Engine:
         req.loops.append(loops)
         req.next_token = tok
         reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
-        return RequestOutput(req.id, [tok], [loops], [logp], reason is not None, reason, len(req.prompt))
+        return RequestOutput(req.id, [tok], [loops], [logp], reason is not None, reason, len(req.prompt),
+                             self.request_kv_bytes(req.id))
