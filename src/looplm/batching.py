@@ -87,7 +87,7 @@ class _Request:
 class _Item:
     req: _Request
     start: int  # position of the first token
-    ids: torch.Tensor  # (S,)
+    ids: list[int]  # the S tokens
     prefill: bool
     loop: int = 0  # 0-based loop this item runs next
     x: torch.Tensor | None = None  # (S, D) the state entering the next loop
@@ -95,10 +95,10 @@ class _Item:
     tracker: LoopTracker | None = None
     exit_loop: torch.Tensor | None = None  # (S,) prefill under a policy: each position's exit loop (0: not yet)
     exit_h: torch.Tensor | None = None  # (S, D) ... and its state there
+    size: int = 0  # S
 
-    @property
-    def size(self) -> int:
-        return self.ids.shape[0]
+    def __post_init__(self):
+        self.size = len(self.ids)
 
     @property
     def final(self) -> bool:  # the last chunk of the prompt
@@ -121,8 +121,9 @@ class _Group:
 @dataclass
 class _Plan:
     prefill: list[tuple[_Item, int]]  # (item, packed offset)
-    by_loop: list[_Group]  # decoding tokens grouped by loop (core layers: a slot per loop under per_loop)
-    all_decode: list[_Group]  # all decoding tokens in one group (prelude and coda layers)
+    decode: list[tuple[_Item, int]]
+    groups: dict[bool, list[_Group]] = field(default_factory=dict)  # built on first use, by "core layer?":
+    # core layers group decoding tokens by loop (a slot per loop under per_loop); prelude and coda layers use one
 
 
 class Engine:
@@ -281,10 +282,9 @@ class Engine:
 
     def _schedule(self) -> list[_Item]:
         budget = self.max_step_tokens
-        dev = self.model.device
         for req in self.running:  # work in flight continues, and every decoding request gets its token
             if req.item is None and not req.prefilling:
-                req.item = _Item(req, self.pool.lengths[req.row], torch.tensor([req.next_token], device=dev), False)
+                req.item = _Item(req, self.pool.lengths[req.row], [req.next_token], False)
             if req.item is not None:
                 budget -= req.item.size
         for req in self.running:  # new prompt chunks fill what is left
@@ -292,8 +292,7 @@ class Engine:
                 left = len(req.prompt) - req.prefilled
                 whole = self.model.coda and req.policy is not None and "logits" in req.policy.needs
                 size = left if whole else min(left, budget)
-                ids = torch.tensor(req.prompt[req.prefilled : req.prefilled + size], device=dev)
-                req.item = _Item(req, req.prefilled, ids, True)
+                req.item = _Item(req, req.prefilled, req.prompt[req.prefilled : req.prefilled + size], True)
                 budget -= size
         return [r.item for r in self.running if r.item is not None]
 
@@ -302,7 +301,10 @@ class Engine:
     def _context(self, items: list[_Item]) -> _Context:
         """Packed context for these items: RoPE tables per token and the attention plan."""
         model, dev = self.model, self.model.device
-        pos = torch.cat([torch.arange(it.start, it.start + it.size, device=dev) for it in items])[None]
+        positions: list[int] = []
+        for it in items:
+            positions.extend(range(it.start, it.start + it.size))
+        pos = torch.tensor(positions, device=dev)[None]
         cos, sin = model.rotary(pos, model.dtype)
         ctx = _Context(cos, sin, None, False, None, attend=self._attend)
         if self.config.has_sliding:
@@ -312,11 +314,19 @@ class Engine:
         for it in items:
             (prefill if it.prefill else decode).append((it, off))
             off += it.size
-        by_loop = []
-        for loop in sorted({it.loop for it, _ in decode}):
-            by_loop.append(self._group([(it, o) for it, o in decode if it.loop == loop], loop))
-        self._plan = _Plan(prefill, by_loop, [self._group(decode, -1)] if decode else [])
+        self._plan = _Plan(prefill, decode)
         return ctx
+
+    def _groups(self, core: bool) -> list[_Group]:
+        plan = self._plan
+        if core not in plan.groups:
+            if not core:
+                plan.groups[core] = [self._group(plan.decode, -1)] if plan.decode else []
+            else:
+                loops = sorted({it.loop for it, _ in plan.decode})
+                plan.groups[core] = [self._group([(it, o) for it, o in plan.decode if it.loop == loop], loop)
+                                     for loop in loops]
+        return plan.groups[core]
 
     def _group(self, members: list[tuple[_Item, int]], loop: int) -> _Group:
         dev = self.model.device
@@ -366,7 +376,7 @@ class Engine:
             y[:, :, at] = F.scaled_dot_product_attention(
                 q[:, :, at], dk[None, :, :b], dv[None, :, :b], attn_mask=mask, is_causal=causal, scale=attn.scale,
                 enable_gqa=gqa)
-        for g in plan.by_loop if core else plan.all_decode:
+        for g in self._groups(core):
             s = pool.slot(layer_idx, g.loop if core else 0)
             kn, vn = k[0, :, g.idx].transpose(0, 1), v[0, :, g.idx].transpose(0, 1)  # (n, Hkv, Dh)
             pool.k[s, g.rows, :, g.pos] = kn
@@ -392,7 +402,7 @@ class Engine:
         model, cfg, C = self.model, self.config, self.config.num_core_layers
         starting = [it for it in items if it.loop == 0]
         if starting:  # embedding and prelude, once per token
-            ids = torch.cat([it.ids for it in starting])[None]
+            ids = torch.tensor([t for it in starting for t in it.ids], device=model.device)[None]
             h = model.embed(ids, self._context(starting))[0]
             for it, part in zip(starting, h.split([it.size for it in starting])):
                 it.x = it.e = part
@@ -459,7 +469,7 @@ class Engine:
             for it in read:
                 if not it.prefill or it.final:
                     logits_of[id(it)] = next(rows)
-        outputs: list[RequestOutput] = []
+        emit: list[tuple[_Request, torch.Tensor, int]] = []  # (request, logits (V,), loops) to sample
         commits: dict[tuple[int, int], list[_Item]] = {}
         for it in exiting:
             req = it.req
@@ -481,24 +491,35 @@ class Engine:
                     self.pool.commit_prompt(req.row, 0, req.scratch_k, req.scratch_v, req.num_loops)
                     req.scratch_k = req.scratch_v = None
                 loops = int(it.exit_loop[-1]) if it.exit_loop is not None else req.num_loops
-                outputs.append(self._emit(req, logits_of[id(it)], loops))
+                emit.append((req, logits_of[id(it)], loops))
         for it in exiting:
             it.req.item = None
-            outputs.append(self._emit(it.req, logits_of[id(it)], it.loop))
+            emit.append((it.req, logits_of[id(it)], it.loop))
+        outputs = self._emit(emit)
         outputs.sort(key=lambda o: self.requests[o.request_id].order)
         for o in outputs:
             if o.finished:
                 self._release(self.requests.pop(o.request_id))
         return outputs
 
-    def _emit(self, req: _Request, logits: torch.Tensor, loops: int) -> RequestOutput:
-        """Sample the request's next token from logits (V,) and say whether it is done."""
-        tok = int(sample(logits[None], generators=None if req.generator is None else [req.generator],
-                         **req.sampling)[0])
-        logp = float(torch.log_softmax(logits.float(), -1)[tok])
-        req.tokens.append(tok)
-        req.loops.append(loops)
-        req.next_token = tok
-        reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
-        return RequestOutput(req.id, [tok], [loops], [logp], reason is not None, reason, len(req.prompt),
-                             self.request_kv_bytes(req.id))
+    def _emit(self, emit: list[tuple[_Request, torch.Tensor, int]]) -> list[RequestOutput]:
+        """Sample each request's next token from its logits (V,) and say whether it is done."""
+        if not emit:
+            return []
+        logits = torch.stack([lg for _, lg, _ in emit])  # (n, V)
+        logp = torch.log_softmax(logits.float(), -1)
+        tokens = logits.argmax(-1).tolist()  # greedy rows; sampled rows draw with their own generator
+        for i, (req, lg, _) in enumerate(emit):
+            if req.sampling["temperature"] > 0:
+                gens = None if req.generator is None else [req.generator]
+                tokens[i] = int(sample(lg[None], generators=gens, **req.sampling)[0])
+        picked = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        outputs = []
+        for (req, _, loops), tok, lp in zip(emit, tokens, picked):
+            req.tokens.append(tok)
+            req.loops.append(loops)
+            req.next_token = tok
+            reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
+            outputs.append(RequestOutput(req.id, [tok], [loops], [lp], reason is not None, reason, len(req.prompt),
+                                         self.request_kv_bytes(req.id)))
+        return outputs
