@@ -107,9 +107,10 @@ class _Item:
 
 @dataclass
 class _Group:
-    """Decoding tokens of one attention call: their packed indices, pool rows and positions."""
+    """The decoding tokens of a step, attended in one call: packed indices, loops, pool rows and positions."""
 
-    loop: int
+    loops: torch.Tensor  # (n,) the 0-based loop each token runs (its slot offset under per_loop)
+    first: torch.Tensor  # (n,) bool: the token runs its first loop
     idx: torch.Tensor  # (n,) indices into the packed tokens
     rows: torch.Tensor  # (n,)
     pos: torch.Tensor  # (n,) the token's position = keys before it
@@ -121,9 +122,7 @@ class _Group:
 @dataclass
 class _Plan:
     prefill: list[tuple[_Item, int]]  # (item, packed offset)
-    decode: list[tuple[_Item, int]]
-    groups: dict[bool, list[_Group]] = field(default_factory=dict)  # built on first use, by "core layer?":
-    # core layers group decoding tokens by loop (a slot per loop under per_loop); prelude and coda layers use one
+    decode: _Group | None
 
 
 class Engine:
@@ -314,22 +313,12 @@ class Engine:
         for it in items:
             (prefill if it.prefill else decode).append((it, off))
             off += it.size
-        self._plan = _Plan(prefill, decode)
+        self._plan = _Plan(prefill, self._group(decode) if decode else None)
         return ctx
 
-    def _groups(self, core: bool) -> list[_Group]:
-        plan = self._plan
-        if core not in plan.groups:
-            if not core:
-                plan.groups[core] = [self._group(plan.decode, -1)] if plan.decode else []
-            else:
-                loops = sorted({it.loop for it, _ in plan.decode})
-                plan.groups[core] = [self._group([(it, o) for it, o in plan.decode if it.loop == loop], loop)
-                                     for loop in loops]
-        return plan.groups[core]
-
-    def _group(self, members: list[tuple[_Item, int]], loop: int) -> _Group:
+    def _group(self, members: list[tuple[_Item, int]]) -> _Group:
         dev = self.model.device
+        loops = torch.tensor([it.loop for it, _ in members], device=dev)
         idx = torch.tensor([o for _, o in members], device=dev)
         rows = torch.tensor([it.req.row for it, _ in members], device=dev)
         starts = [it.start for it, _ in members]
@@ -343,7 +332,7 @@ class Engine:
             window_mask = (seen & (keys > pos[:, None] - window))[:, None, None]
         else:
             window_mask = mask
-        return _Group(loop, idx, rows, pos, T, mask, window_mask)
+        return _Group(loops, loops == 0, idx, rows, pos, T, mask, window_mask)
 
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Store the packed tokens' K/V (1, Hkv, N, Dh) where each belongs and attend: q (1, H, N, Dh) → y."""
@@ -376,15 +365,17 @@ class Engine:
             y[:, :, at] = F.scaled_dot_product_attention(
                 q[:, :, at], dk[None, :, :b], dv[None, :, :b], attn_mask=mask, is_causal=causal, scale=attn.scale,
                 enable_gqa=gqa)
-        for g in self._groups(core):
-            s = pool.slot(layer_idx, g.loop if core else 0)
+        g = plan.decode
+        if g is not None:  # every decoding token in one call, each reading its own row (and its loop's slot)
+            base = pool.slot(layer_idx, 0)
+            slots = base + g.loops if core and self.kv == "per_loop" else torch.full_like(g.rows, base)
             kn, vn = k[0, :, g.idx].transpose(0, 1), v[0, :, g.idx].transpose(0, 1)  # (n, Hkv, Dh)
-            pool.k[s, g.rows, :, g.pos] = kn
-            pool.v[s, g.rows, :, g.pos] = vn
+            pool.k[slots, g.rows, :, g.pos] = kn
+            pool.v[slots, g.rows, :, g.pos] = vn
             if shared_core and self.kv != "last":
-                pool.hold(j, g.rows, g.loop, kn, vn)
-            keys = pool.k[s, :, :, : g.T].index_select(0, g.rows)  # (n, Hkv, T, Dh)
-            vals = pool.v[s, :, :, : g.T].index_select(0, g.rows)
+                pool.hold(j, g.rows, g.first, kn, vn)
+            keys = pool.k[slots, g.rows, :, : g.T]  # (n, Hkv, T, Dh)
+            vals = pool.v[slots, g.rows, :, : g.T]
             qn = q[0, :, g.idx].transpose(0, 1)[:, :, None]  # (n, H, 1, Dh)
             yn = F.scaled_dot_product_attention(qn, keys, vals, attn_mask=g.window_mask if attn.sliding else g.mask,
                                                 scale=attn.scale, enable_gqa=gqa)

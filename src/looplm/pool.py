@@ -160,16 +160,17 @@ class KVPool:
         for r in rows.tolist():
             self.lengths[r] += 1
 
-    def hold(self, core_idx: int, rows: torch.Tensor, loop_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """first/mean: keep a decoding token's loop-`loop_idx` K/V (n, Hkv, Dh) for its commit."""
-        if self.strategy == "first" and loop_idx > 0:
-            return
-        if loop_idx == 0:
-            self.held_k[core_idx, rows] = k.float()
-            self.held_v[core_idx, rows] = v.float()
-        else:
-            self.held_k[core_idx, rows] += k.float()
-            self.held_v[core_idx, rows] += v.float()
+    def hold(self, core_idx: int, rows: torch.Tensor, first: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """first/mean: keep decoding tokens' K/V (n, Hkv, Dh) for their commit; `first` (n,) bool marks the
+        tokens at their first loop (held afresh), the others are summed (mean) or left (first)."""
+        if bool(first.any()):
+            self.held_k[core_idx, rows[first]] = k[first].float()
+            self.held_v[core_idx, rows[first]] = v[first].float()
+        later = ~first
+        if self.strategy == "mean" and bool(later.any()):
+            r = rows[later]
+            self.held_k[core_idx, r] += k[later].float()
+            self.held_v[core_idx, r] += v[later].float()
 
     def commit_prompt(self, row: int, start: int, scratch_k: torch.Tensor, scratch_v: torch.Tensor,
                       num_loops: int) -> None:
