@@ -6,6 +6,8 @@
    2 batches of 16. Speed-up = output tokens/s over the same runner's static:R. Ideal core = R / mean loops
    (the issue's measure); ideal = MACs per token of static:R over the policy's, counting what every token
    pays once (prelude, coda and the head: SmolLM2's head alone costs 8 layers). Efficiency = speed-up / ideal.
+   Rows `full` count only the engine's steps that start with all 16 rows busy (the steady state of a server;
+   the whole-run figures include the drain at the end, when the last requests run in a half-empty batch).
 2. poisson — 64 requests with Poisson arrivals, mixed budgets (static 2–4, Q-exit) and lengths: output
    tokens/s and p50/p99 latency (arrival → last token) through the engine, through sequential `generate`
    calls (one request at a time, in arrival order) and through static batching (`generate` on the requests
@@ -49,16 +51,26 @@ def layer_macs(model) -> tuple[int, int]:
 
 
 def engine_run(model, prompts, *, budget: dict, new_tokens: int, kv: str, max_loops: int, batch: int) -> dict:
-    """All prompts through one engine of `batch` rows (the queue keeps the rows full); output tokens/s."""
+    """All prompts through one engine of `batch` rows (the queue keeps the rows full); output tokens/s over
+    the whole run, and over the steps that start with every row busy (`full`: the steady state, without the
+    drain at the end, when the last requests run in a half-empty batch)."""
     engine = Engine(model, kv=kv, max_loops=max_loops, max_batch_size=batch, max_step_tokens=4096)
     for p in prompts:
         engine.add_request(p, max_new_tokens=new_tokens, stop_tokens=[], **budget)
-    loops, t0 = [], time.perf_counter()
+    loops, full_s, full_tokens, t0 = [], 0.0, 0, time.perf_counter()
     while engine.has_unfinished_requests():
-        for o in engine.step():
+        engine._admit()  # what step() does first; here to see whether the step starts full
+        full = len(engine.running) == batch
+        t1 = time.perf_counter()
+        outs = engine.step()
+        if full:
+            full_s += time.perf_counter() - t1
+            full_tokens += len(outs)
+        for o in outs:
             loops += o.loops
     wall = time.perf_counter() - t0
-    return {"tok_s": len(loops) / wall, "mean_loops": statistics.mean(loops)}
+    return {"tok_s": len(loops) / wall, "mean_loops": statistics.mean(loops),
+            "full_tok_s": full_tokens / full_s if full_s else float("nan")}
 
 
 def generate_run(model, prompts, *, budget: dict, new_tokens: int, kv: str, batch: int) -> dict:
@@ -108,6 +120,18 @@ def part_exits(args, model, R) -> list[dict]:
                                 efficiency=speedup / ideal))
             print(f"{w:<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} {speedup:>8.2f}x {ideal_core:>9.2f}x "
                   f"{speedup / ideal_core:>8.2f} {ideal:>5.2f}x {speedup / ideal:>5.2f}")
+        if w == "engine":  # the steady state: steps that start with all rows busy
+            base_full = statistics.median(s["full_tok_s"] for s in samples[(w, "static")])
+            for name, _ in budgets:
+                tok_s = statistics.median(s["full_tok_s"] for s in samples[(w, name)])
+                loops = samples[(w, name)][0]["mean_loops"]
+                speedup, ideal_core = tok_s / base_full, R / loops
+                ideal = (fixed + core * R) / (fixed + core * loops)
+                figures.append(dict(part="exits", runner="engine (full batch)", budget=name, mean_loops=loops,
+                                    tok_s=tok_s, speedup=speedup, ideal_core=ideal_core,
+                                    efficiency_core=speedup / ideal_core, ideal=ideal, efficiency=speedup / ideal))
+                print(f"{'  full':<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} {speedup:>8.2f}x {ideal_core:>9.2f}x "
+                      f"{speedup / ideal_core:>8.2f} {ideal:>5.2f}x {speedup / ideal:>5.2f}")
     return figures
 
 
