@@ -108,30 +108,25 @@ def part_exits(args, model, R) -> list[dict]:
           f"included: {fixed / 1e6:.0f}M fixed + {core / 1e6:.0f}M per loop)")
     print(f"{'runner':<9} {'budget':<8} {'mean loops':>10} {'out tok/s':>10} {'speed-up':>9} {'ideal core':>10} "
           f"{'eff core':>8} {'ideal':>6} {'eff':>5}")
-    for w in runners:
-        base = statistics.median(s["tok_s"] for s in samples[(w, "static")])
+    def rows(label: str, w: str, key: str) -> None:
+        """One table row and figure per budget: `key` tok/s of runner w against its static:R."""
+        base = statistics.median(s[key] for s in samples[(w, "static")])
         for name, _ in budgets:
-            tok_s = statistics.median(s["tok_s"] for s in samples[(w, name)])
+            tok_s = statistics.median(s[key] for s in samples[(w, name)])
             loops = samples[(w, name)][0]["mean_loops"]
             speedup, ideal_core = tok_s / base, R / loops
             ideal = (fixed + core * R) / (fixed + core * loops)
-            figures.append(dict(part="exits", runner=w, budget=name, mean_loops=loops, tok_s=tok_s, speedup=speedup,
-                                ideal_core=ideal_core, efficiency_core=speedup / ideal_core, ideal=ideal,
-                                efficiency=speedup / ideal))
-            print(f"{w:<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} {speedup:>8.2f}x {ideal_core:>9.2f}x "
-                  f"{speedup / ideal_core:>8.2f} {ideal:>5.2f}x {speedup / ideal:>5.2f}")
+            figures.append(dict(part="exits", runner=w if key == "tok_s" else f"{w} (full batch)", budget=name, mean_loops=loops, tok_s=tok_s,
+                                speedup=speedup, ideal_core=ideal_core, efficiency_core=speedup / ideal_core,
+                                ideal=ideal, efficiency=speedup / ideal))
+            print(f"{label:<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} "
+                  f"{speedup:>8.2f}x {ideal_core:>9.2f}x {speedup / ideal_core:>8.2f} {ideal:>5.2f}x "
+                  f"{speedup / ideal:>5.2f}")
+
+    for w in runners:
+        rows(w, w, "tok_s")
         if w == "engine":  # the steady state: steps that start with all rows busy
-            base_full = statistics.median(s["full_tok_s"] for s in samples[(w, "static")])
-            for name, _ in budgets:
-                tok_s = statistics.median(s["full_tok_s"] for s in samples[(w, name)])
-                loops = samples[(w, name)][0]["mean_loops"]
-                speedup, ideal_core = tok_s / base_full, R / loops
-                ideal = (fixed + core * R) / (fixed + core * loops)
-                figures.append(dict(part="exits", runner="engine (full batch)", budget=name, mean_loops=loops,
-                                    tok_s=tok_s, speedup=speedup, ideal_core=ideal_core,
-                                    efficiency_core=speedup / ideal_core, ideal=ideal, efficiency=speedup / ideal))
-                print(f"{'  full':<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} {speedup:>8.2f}x {ideal_core:>9.2f}x "
-                      f"{speedup / ideal_core:>8.2f} {ideal:>5.2f}x {speedup / ideal:>5.2f}")
+            rows("  full", w, "full_tok_s")
     return figures
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import check_strategy
-from .engine import sample
+from .engine import check_sampling, sample, stop_tokens_for
 from .exits import ExitPolicy, LoopTracker
 from .model import LoopedLM, _Attend, _Context
 from .pool import KVPool
@@ -121,7 +121,8 @@ class _Group:
 
 @dataclass
 class _Plan:
-    prefill: list[tuple[_Item, int]]  # (item, packed offset)
+    # (item, packed offset, ((mask, is_causal) of full layers, of sliding layers)): keys are positions 0..end
+    prefill: list[tuple[_Item, int, tuple]]
     decode: _Group | None
 
 
@@ -156,8 +157,7 @@ class Engine:
         self.prefill_core_layer_evals = 0  # (token, core layer) evaluations of prompt chunks
         self.decode_core_layer_evals = 0  # ... of generated tokens
         self._plan: _Plan | None = None
-        eos = self.config.eos_token_id
-        self.default_stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.default_stop = stop_tokens_for(self.config)
 
     # ------------------------------------------------------------------ requests
 
@@ -188,12 +188,7 @@ class Engine:
             what = "the model's default num_loops" if exit is None else f"exit policy {str(exit)!r}"
             raise ValueError(f"{what} runs {R} loops; this engine allows max_loops={self.max_loops} "
                              f"(pass num_loops ≤ {self.max_loops})")
-        if temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         limit = cfg.max_position_embeddings
         if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the position "
@@ -311,10 +306,23 @@ class Engine:
             ctx.sliding = _Attend(cos_l, sin_l, None, False)
         prefill, decode, off = [], [], 0
         for it in items:
-            (prefill if it.prefill else decode).append((it, off))
+            if it.prefill:
+                prefill.append((it, off, self._prefill_masks(it)))
+            else:
+                decode.append((it, off))
             off += it.size
         self._plan = _Plan(prefill, self._group(decode) if decode else None)
         return ctx
+
+    def _prefill_masks(self, it: _Item) -> tuple:
+        """A chunk's causal masks over keys 0..end, as a single-pass prefill builds them (`LoopedLM._mask`): the
+        window applies to sliding layers once the keys reach past it."""
+        keys = torch.ones(1, it.start + it.size, dtype=torch.bool, device=self.model.device)
+        full = self.model._mask(keys, it.start, it.start, it.size)
+        window = self.config.sliding_window
+        if not self.config.has_sliding or it.start + it.size <= window:
+            return full, full
+        return full, self.model._mask(keys, it.start, it.start, it.size, window=window)
 
     def _group(self, members: list[tuple[_Item, int]]) -> _Group:
         dev = self.model.device
@@ -342,7 +350,7 @@ class Engine:
         shared_core = core and self.kv != "per_loop"
         gqa = attn.n_kv != attn.n_head
         y = torch.empty_like(q)
-        for it, off in plan.prefill:
+        for it, off, masks in plan.prefill:
             S, a = it.size, it.start
             b = a + S
             at = slice(off, off + S)
@@ -353,15 +361,7 @@ class Engine:
                 dk, dv = pool.k[s, it.req.row], pool.v[s, it.req.row]  # (Hkv, capacity, Dh)
             dk[:, a:b] = k[0, :, at]
             dv[:, a:b] = v[0, :, at]
-            window = cfg.sliding_window if attn.sliding and b > cfg.sliding_window else None
-            mask, causal = None, S > 1
-            if a > 0 or window is not None:
-                qp = torch.arange(a, b, device=q.device)[:, None]
-                kp = torch.arange(b, device=q.device)[None]
-                allowed = kp <= qp
-                if window is not None:
-                    allowed = allowed & (qp - kp < window)
-                mask, causal = allowed[None, None], False
+            mask, causal = masks[1] if attn.sliding else masks[0]
             y[:, :, at] = F.scaled_dot_product_attention(
                 q[:, :, at], dk[None, :, :b], dv[None, :, :b], attn_mask=mask, is_causal=causal, scale=attn.scale,
                 enable_gqa=gqa)
@@ -419,12 +419,11 @@ class Engine:
         lam = model.exit_lambda(x) if any(it.req.policy is not None for it in items) else None
         lams = [None] * len(items) if lam is None else list(lam.split(sizes))
         # per-loop logits for policies that read them (the readout writes coda KV, as generate's does)
-        with_logits = [i for i, it in enumerate(items) if it.req.policy is not None and "logits" in it.req.policy.needs]
-        loop_logits = {}
-        if with_logits:
-            sub = [items[i] for i in with_logits]
+        sub = [it for it in items if it.req.policy is not None and "logits" in it.req.policy.needs]
+        loop_logits: dict[int, torch.Tensor] = {}  # id(item) → (S, V)
+        if sub:
             lg = model.readout(torch.cat([it.x for it in sub])[None], self._context(sub))[0]
-            loop_logits = dict(zip(with_logits, lg.split([it.size for it in sub])))
+            loop_logits = {id(it): part for it, part in zip(sub, lg.split([it.size for it in sub]))}
         exiting: list[_Item] = []  # decoding tokens that leave the loop now
         finishing: list[_Item] = []  # prompt chunks that ran their last loop
         for i, it in enumerate(items):
@@ -432,7 +431,7 @@ class Engine:
             if req.policy is None:
                 done = torch.full((it.size,), loop >= req.num_loops, dtype=torch.bool)
             else:
-                stats = it.tracker.step(loop, hidden=it.x, lam=lams[i], logits=loop_logits.get(i))
+                stats = it.tracker.step(loop, hidden=it.x, lam=lams[i], logits=loop_logits.get(id(it)))
                 done = req.policy.exits(stats, req.num_loops)
             if it.prefill:
                 if req.policy is not None:
@@ -465,7 +464,7 @@ class Engine:
         for it in exiting:
             req = it.req
             if id(it) not in logits_of:
-                logits_of[id(it)] = loop_logits[next(i for i, x in enumerate(items) if x is it)][-1]
+                logits_of[id(it)] = loop_logits[id(it)][-1]
             commits.setdefault((it.loop, req.num_loops), []).append(it)
         for (e_loops, R), group in commits.items():
             dev = group[0].x.device

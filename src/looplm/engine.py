@@ -52,6 +52,16 @@ def sample(
     return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
 
 
+def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling options `sample` accepts, or a ValueError naming the bad one."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def stop_tokens_for(config, tokenizer=None) -> list[int]:
     """The config's EOS id(s) and the tokenizer's EOS id, as one sorted list."""
     eos = config.eos_token_id
@@ -174,12 +184,7 @@ class Generation:
         self.kv = check_strategy(kv)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         self.pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() == 1:
@@ -221,8 +226,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         if stop_tokens is None:
-            eos = cfg.eos_token_id
-            stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            stop_tokens = stop_tokens_for(cfg)
         self.stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=model.device)
         seeds = [seed] * B if seed is None or isinstance(seed, int) else list(seed)
         if len(seeds) != B:
