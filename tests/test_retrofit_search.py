@@ -217,6 +217,8 @@ def test_cli_search_bad_input_is_one_clear_line(tiny_dir, tmp_path, args, needle
     base = ["retrofit", "search", "--model", str(tiny_dir / "m"), "--task", f"mc:{tiny_dir / 'mc.jsonl'}",
             "--limit", "4", "--holdout", "0", "--sizes", "1-2", "--out", str(tmp_path)]
     if "--task" in args:
+        if not SHARED_DATA.is_dir():  # the refusal comes after the task's data is found
+            pytest.skip(f"shared/data is not present at {SHARED_DATA}")
         base = [a for a in base if a not in ("--task", f"mc:{tiny_dir / 'mc.jsonl'}")] + ["--data-dir", str(SHARED_DATA)]
     res = CliRunner().invoke(app, [*base, *args])
     assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
