@@ -38,6 +38,7 @@ from .engine import check_sampling, sample, stop_tokens_for
 from .exits import ExitPolicy, LoopTracker
 from .model import LoopedLM, _Attend, _Context
 from .pool import KVPool
+from .store import PrefixStore, chunk_keys, weights_fingerprint
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (a stop token, included in new_tokens), "length", or None
     num_prompt_tokens: int = 0
     kv_bytes: int = 0  # KV the request holds after this step (its pool row; + its prompt scratch while prefilling)
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix store (not computed)
 
 
 @dataclass(eq=False)
@@ -66,6 +68,8 @@ class _Request:
     stop: frozenset[int]
     max_new_tokens: int
     row: int = -1
+    cached: int = 0  # prompt positions loaded from the prefix store
+    store_keys: list[str] | None = None  # the prompt's chunk keys when the store serves this request
     prefilled: int = 0  # prompt positions whose chunks ran every loop
     scratch_k: torch.Tensor | None = None  # (C, R, Hkv, prompt, Dh): per-loop prompt KV (shared strategies)
     scratch_v: torch.Tensor | None = None
@@ -133,10 +137,13 @@ class Engine:
     may ask for (default the model's num_loops). max_batch_size: requests running at once (pool rows).
     max_tokens: KV positions the engine may hold; a request reserves prompt + max_new_tokens and waits
     until that fits. max_step_tokens: tokens one step may process (prompt chunks + decoding tokens).
+    kv_store: a `PrefixStore` (or its tier specs, e.g. ["host:4GiB", "redis://127.0.0.1:6379"]): prompts
+    reuse the KV of earlier prompts' full chunks and store their own (docs/memory.md).
     """
 
     def __init__(self, model: LoopedLM, *, kv: str = "last", max_loops: int | None = None,
-                 max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512):
+                 max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512,
+                 kv_store: PrefixStore | Sequence[str] | None = None):
         self.model, self.config = model, model.config
         self.kv = check_strategy(kv)
         self.max_loops = model.resolve_loops(max_loops)
@@ -158,6 +165,12 @@ class Engine:
         self.decode_core_layer_evals = 0  # ... of generated tokens
         self._plan: _Plan | None = None
         self.default_stop = stop_tokens_for(self.config)
+        if kv_store is not None and not isinstance(kv_store, PrefixStore):
+            kv_store = PrefixStore.from_specs(list(kv_store))
+        self.store = kv_store
+        self._fingerprint = weights_fingerprint(model) if kv_store is not None else None
+        self.prefix_queries = 0  # chunks looked up in the store
+        self.prefix_hits: dict[str, int] = {}  # chunks found, by tier
 
     # ------------------------------------------------------------------ requests
 
@@ -242,7 +255,8 @@ class Engine:
         return dict(running=len(self.running), waiting=len(self.waiting), kv_bytes=self.pool.kv_bytes + scratch,
                     kv_allocated_bytes=self.pool.nbytes + scratch, reserved_tokens=self.reserved,
                     steps=self.num_steps, prefill_core_layer_evals=self.prefill_core_layer_evals,
-                    decode_core_layer_evals=self.decode_core_layer_evals)
+                    decode_core_layer_evals=self.decode_core_layer_evals,
+                    prefix_cache_queries=self.prefix_queries, prefix_cache_hits=dict(self.prefix_hits))
 
     def request_kv_bytes(self, request_id: str) -> int:
         req = self.requests[str(request_id)]
@@ -272,7 +286,89 @@ class Engine:
                 shape = (cfg.num_core_layers, req.num_loops, cfg.num_key_value_heads, len(req.prompt), cfg.head_dim)
                 req.scratch_k = torch.zeros(shape, dtype=self.model.dtype, device=self.model.device)
                 req.scratch_v = torch.zeros_like(req.scratch_k)
+            if self.store is not None:
+                self._lookup(req)
             self.running.append(req)
+
+    # ------------------------------------------------------------------ the prefix store
+
+    def _stores(self, req: _Request) -> bool:
+        """A coda read per loop (a logits policy) writes coda KV that differs from what the prefix holds once
+        prefilled, so those requests neither read nor write the store (their prompt is one chunk anyway)."""
+        return not (self.model.coda and req.policy is not None and "logits" in req.policy.needs)
+
+    def _root(self, req: _Request, num_loops: int) -> str:
+        """What a stored chunk's KV depends on besides its tokens (docs/memory.md, "The key")."""
+        parts = [self._fingerprint, str(self.model.dtype), f"loops={num_loops}", f"chunk={self.store.chunk_size}"]
+        if self.model.coda:  # coda KV is read at each position's exit
+            parts.append(f"exit={req.policy.spec() if req.policy is not None else 'static'}")
+        return "|".join(parts)
+
+    def _lookup(self, req: _Request) -> None:
+        """Load the longest stored prefix of the prompt's full chunks (the last prompt token is always
+        computed: its logits give the first new token)."""
+        if not self._stores(req):
+            return
+        cs = self.store.chunk_size
+        usable = (len(req.prompt) - 1) // cs
+        req.store_keys = chunk_keys(self._root(req, req.num_loops), req.prompt, cs)
+        if not usable:
+            return
+        # KV stored with more loops holds this request's loops too (loop r never sees later loops), unless
+        # a coda reads it at the exit
+        stored_loops = [req.num_loops] + ([] if self.model.coda else list(range(req.num_loops + 1, self.max_loops + 1)))
+        for R in stored_loops:
+            keys = req.store_keys if R == req.num_loops else chunk_keys(self._root(req, R), req.prompt[: usable * cs], cs)
+            n = 0
+            for i in range(usable):
+                self.prefix_queries += 1
+                got = self.store.get(keys[i])
+                if got is None or not self._load(req, got[0], i * cs, R):
+                    break
+                self.prefix_hits[got[1]] = self.prefix_hits.get(got[1], 0) + 1
+                n += 1
+            if n:
+                req.cached = req.prefilled = n * cs
+                self.pool.lengths[req.row] = req.cached
+                return
+
+    def _layout(self, num_loops: int) -> list[tuple[int, int]]:
+        """(layer_idx, loop_idx) of each slot of a stored chunk: every loop of the core, one slot elsewhere."""
+        return [(i, r) for i in range(self.config.num_layers)
+                for r in range(num_loops if self.config.is_core(i) else 1)]
+
+    def _slot_views(self, req: _Request, a: int, b: int, num_loops: int):
+        """Views of positions a..b of the request's KV, one (Hkv, b-a, Dh) pair per stored slot."""
+        cfg, pool = self.config, self.pool
+        for layer_idx, r in self._layout(num_loops):
+            if r >= req.num_loops:
+                yield None, None
+            elif cfg.is_core(layer_idx) and self.kv != "per_loop":
+                j = layer_idx - cfg.num_prelude_layers
+                yield req.scratch_k[j, r, :, a:b], req.scratch_v[j, r, :, a:b]
+            else:
+                s = pool.slot(layer_idx, r)
+                yield pool.k[s, req.row, :, a:b], pool.v[s, req.row, :, a:b]
+
+    def _load(self, req: _Request, chunk: dict, a: int, num_loops: int) -> bool:
+        cfg, cs = self.config, self.store.chunk_size
+        k, v = chunk.get("k"), chunk.get("v")
+        shape = (len(self._layout(num_loops)), cfg.num_key_value_heads, cs, cfg.head_dim)
+        if k is None or v is None or tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != self.model.dtype:
+            return False  # not what this key promises: a miss
+        for i, (dk, dv) in enumerate(self._slot_views(req, a, a + cs, num_loops)):
+            if dk is not None:
+                dk.copy_(k[i])
+                dv.copy_(v[i])
+        return True
+
+    def _save(self, req: _Request) -> None:
+        """Store the prompt's full chunks that were computed here (before the prefill commits)."""
+        cs = self.store.chunk_size
+        for i in range(req.cached // cs, len(req.store_keys)):
+            views = list(self._slot_views(req, i * cs, (i + 1) * cs, req.num_loops))
+            self.store.put(req.store_keys[i], {"k": torch.stack([k for k, _ in views]),
+                                               "v": torch.stack([v for _, v in views])})
 
     def _schedule(self) -> list[_Item]:
         budget = self.max_step_tokens
@@ -477,6 +573,8 @@ class Engine:
             self.pool.lengths[req.row] = req.prefilled
             req.item = None
             if it.final:
+                if req.store_keys:
+                    self._save(req)
                 if req.scratch_k is not None:
                     self.pool.commit_prompt(req.row, 0, req.scratch_k, req.scratch_v, req.num_loops)
                     req.scratch_k = req.scratch_v = None
@@ -511,5 +609,5 @@ class Engine:
             req.next_token = tok
             reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
             outputs.append(RequestOutput(req.id, [tok], [loops], [lp], reason is not None, reason, len(req.prompt),
-                                         self.request_kv_bytes(req.id)))
+                                         self.request_kv_bytes(req.id), req.cached))
         return outputs

@@ -1,0 +1,244 @@
+"""The working memory (looplm.store): chunk keys, tiers, integrity, and warm ≡ cold through the engine."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import looplm
+from conftest import tiny_model
+from looplm.batching import Engine
+from looplm.store import (DiskTier, HostTier, PrefixStore, chunk_keys, decode, encode, parse_bytes, parse_tier,
+                          weights_fingerprint)
+from test_batching import ENGINE_SHAPES, alone
+
+CS = 8  # chunk size of the engine tests: prompts of 20-40 tokens span several chunks
+
+
+def chunk(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"k": torch.randn(3, 2, n, 4, generator=g), "v": torch.randn(3, 2, n, 4, generator=g)}
+
+
+# ---------------------------------------------------------------------- keys, values, budgets
+
+
+def test_parse_bytes_and_tiers():
+    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("500MB") == 500_000_000 and parse_bytes("1024") == 1024
+    for bad in ("lots", "-1GB", "0", "4 parsecs"):
+        with pytest.raises(ValueError, match="byte"):
+            parse_bytes(bad)
+    assert isinstance(parse_tier("host:1MiB"), HostTier)
+    with pytest.raises(ValueError, match="disk:PATH:SIZE"):
+        parse_tier("disk:20GiB")
+    with pytest.raises(ValueError, match="expected host:SIZE"):
+        parse_tier("ram:4GiB")
+    with pytest.raises(ValueError, match="at most once"):
+        PrefixStore.from_specs(["host:1MiB", "host:2MiB"])
+
+
+def test_chunk_keys_chain_the_prefix():
+    a = chunk_keys("root", list(range(20)), 8)
+    assert len(a) == 2  # full chunks only
+    b = chunk_keys("root", list(range(16)) + [99] * 4, 8)
+    assert a == b  # the same first 16 tokens, whatever follows
+    c = chunk_keys("root", [5] + list(range(1, 20)), 8)
+    assert c[0] != a[0] and c[1] != a[1]  # a different first chunk changes every later key
+    assert chunk_keys("other root", list(range(20)), 8)[0] != a[0]
+
+
+def test_encode_decode_and_every_corruption_is_a_miss():
+    c = chunk()
+    blob = encode(c)
+    back = decode(blob)
+    assert set(back) == {"k", "v"} and all(torch.equal(back[k], c[k]) for k in c)
+    for i in (0, 20, len(blob) // 2, len(blob) - 1):  # magic, checksum, payload header, payload bytes
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        assert decode(bytes(bad)) is None, i
+    assert decode(blob[:-1]) is None and decode(blob[:30]) is None and decode(b"") is None and decode(None) is None
+
+
+def test_host_tier_keeps_its_budget_lru():
+    one = sum(t.nbytes for t in chunk().values())
+    tier = HostTier(3 * one)
+    for i in range(5):
+        tier.put(f"k{i}", chunk(i))
+        if i == 2:
+            assert tier.get("k0") is not None  # k0 becomes the most recently used
+    assert tier.used <= tier.budget and tier.stats()["entries"] == 3
+    assert tier.get("k0") is not None and tier.get("k1") is None and tier.get("k2") is None
+
+
+def test_disk_tier_budget_under_a_stream_of_prefixes(tmp_path):
+    one = len(encode(chunk()))
+    tier = DiskTier(tmp_path, 4 * one + 10)
+    for i in range(12):
+        tier.put(f"{i:040x}", chunk(i))
+        on_disk = sum(f.stat().st_size for f in tmp_path.glob("*/*.kv"))
+        assert on_disk <= tier.budget and tier.used == on_disk
+    assert [tier.get(f"{i:040x}") is not None for i in range(12)] == [False] * 8 + [True] * 4
+    reopened = DiskTier(tmp_path, 2 * one)  # a smaller budget on restart evicts down to it
+    assert reopened.stats()["entries"] == 2 and sum(1 for _ in tmp_path.glob("*/*.kv")) == 2
+
+
+def test_disk_corruption_truncation_deletion_and_torn_writes_are_misses(tmp_path):
+    tier = DiskTier(tmp_path, 2**30)
+    keys = [f"{i:040x}" for i in range(4)]
+    for i, k in enumerate(keys):
+        tier.put(k, chunk(i))
+    f = tier._file(keys[0])
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a byte flipped on disk
+    f.write_bytes(bytes(raw))
+    assert tier.get(keys[0]) is None and not f.exists()  # dropped, so a later put rewrites it
+    f = tier._file(keys[1])
+    f.write_bytes(f.read_bytes()[:-7])  # truncated
+    assert tier.get(keys[1]) is None
+    tier._file(keys[2]).unlink()  # deleted by someone else
+    assert tier.get(keys[2]) is None
+    # a writer killed mid-write leaves only its temp file; the key is a miss and a restart ignores the temp
+    torn = tier._file(f"{9:040x}")
+    torn.parent.mkdir(exist_ok=True)
+    torn.with_name(torn.name + ".123.456.tmp").write_bytes(encode(chunk(9))[:50])
+    assert tier.get(f"{9:040x}") is None and DiskTier(tmp_path, 2**30).stats()["entries"] == 1
+    assert torch.equal(tier.get(keys[3])["k"], chunk(3)["k"])
+
+
+def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from looplm.store import DiskTier
+        tier = DiskTier({str(tmp_path)!r}, 2**30)
+        g = torch.Generator().manual_seed(int(sys.argv[1]))
+        for _ in range(40):
+            tier.put("{'ab' * 20}", {{"k": torch.randn(64, 64, generator=g)}})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(s)]) for s in (1, 2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    files = list(tmp_path.glob("*/*"))
+    assert len(files) == 1 and decode(files[0].read_bytes()) is not None  # one whole entry, no temp files left
+
+
+def test_store_reads_through_tiers_and_promotes(tmp_path):
+    host, disk = HostTier(2**20), DiskTier(tmp_path, 2**30)
+    store = PrefixStore([host, disk])
+    store.put("a" * 40, chunk(1))
+    store.flush()
+    assert store.get("a" * 40)[1] == "host"
+    host.clear()
+    got, tier = store.get("a" * 40)
+    assert tier == "disk" and torch.equal(got["v"], chunk(1)["v"])
+    assert store.get("a" * 40)[1] == "host"  # promoted
+    assert store.get("b" * 40) is None
+    assert store.stats()["queries"] == 4 and store.stats()["hits"] == {"host": 2, "disk": 1}
+
+
+def test_weights_fingerprint_sees_one_weight():
+    a, b = tiny_model(), tiny_model()
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.core[0].mlp.down_proj.weight[0, 0] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+# ---------------------------------------------------------------------- through the engine
+
+
+def prompts(n_shared=24, n=3, seed=0):
+    """n prompts sharing their first n_shared tokens (3 chunks), each with its own tail of 3-9 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 61, (n_shared,), generator=g).tolist()
+    return [shared + torch.randint(0, 61, (3 + 3 * i,), generator=g).tolist() for i in range(n)]
+
+
+def serve(engine, prompt, **kw):
+    rid = engine.add_request(prompt, stop_tokens=[], **kw)
+    tokens, loops, cached = [], [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            tokens += out.new_tokens
+            loops += out.loops
+            cached = out.cached_tokens
+    return tokens, loops, cached
+
+
+STORE_CASES = [("gate+coda+loopnorm", kv) for kv in ("per_loop", "last", "mean", "first")] + \
+    [("ouro-like", "last"), ("inject-concat+gate", "mean"), ("gemma-like", "per_loop"), ("gemma-like", "last")]
+
+
+@pytest.mark.parametrize("shape, kv", STORE_CASES)
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_warm_equals_cold(shape, kv, tier, tmp_path):
+    """The first prompt stores its chunks; the next ones share 3 of them: each is token for token (and loop
+    for loop) `generate` alone, with 24 positions loaded instead of computed."""
+    model = tiny_model(**ENGINE_SHAPES[shape])
+    spec = "host:64MiB" if tier == "host" else f"disk:{tmp_path}:64MiB"
+    store = PrefixStore.from_specs([spec], chunk_size=CS)
+    engine = Engine(model, kv=kv, max_loops=4, max_batch_size=4, max_tokens=200, max_step_tokens=16, kv_store=store)
+    for budget in (dict(num_loops=3), dict(exit="q:0.5"), dict(exit="conv:0.6", num_loops=4)):
+        for i, prompt in enumerate(prompts(seed=len(str(budget)))):
+            kw = dict(budget, max_new_tokens=6)
+            evals = engine.prefill_core_layer_evals
+            tokens, loops, cached = serve(engine, prompt, **kw)
+            store.flush()
+            ref_tokens, ref_loops, _ = alone(model, prompt, kv, kw)
+            assert (tokens, loops) == (ref_tokens, ref_loops), (budget, i)
+            assert cached == (0 if i == 0 else 24), (budget, i)
+            computed = (engine.prefill_core_layer_evals - evals) // model.config.num_core_layers
+            assert computed == (len(prompt) - cached) * (4 if "exit" in budget else 3)
+
+
+def test_key_separation(tmp_path):
+    """Another loop count (with a coda), other weights, another dtype, another chunk size: a miss. Without a
+    coda, KV stored with more loops serves fewer."""
+    coda = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    store = PrefixStore.from_specs(["host:64MiB"], chunk_size=CS)
+    p = prompts(n=1)[0]
+
+    def cached(model, store=store, **kw):
+        e = Engine(model, kv="last", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+        return serve(e, p, max_new_tokens=2, **kw)[2]
+
+    assert cached(coda, num_loops=3) == 0 and cached(coda, num_loops=3) == 24
+    assert cached(coda, num_loops=2) == 0  # the coda reads each position at its exit loop
+    assert cached(coda, exit="q:0.5") == 0 and cached(coda, exit="q:0.6") == 0 and cached(coda, exit="q:0.5") == 24
+    other = tiny_model(seed=1, **ENGINE_SHAPES["gate+coda+loopnorm"])
+    assert cached(other, num_loops=3) == 0
+    assert cached(coda.to(torch.bfloat16), num_loops=3) == 0
+    assert cached(coda.float(), store=PrefixStore(store.tiers, chunk_size=4), num_loops=3) == 0
+    plain = tiny_model(**ENGINE_SHAPES["ouro-like"])
+    assert cached(plain, num_loops=4) == 0 and cached(plain, num_loops=2) == 24  # 4 loops stored serve 2
+    ref = alone(plain, p, "last", dict(num_loops=2, max_new_tokens=6))[:2]
+    e = Engine(plain, kv="last", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    assert serve(e, p, num_loops=2, max_new_tokens=6)[:2] == ref
+
+
+def test_logits_policy_with_a_coda_bypasses_the_store():
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    store = PrefixStore.from_specs(["host:64MiB"], chunk_size=CS)
+    e = Engine(model, kv="last", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    p = prompts(n=1)[0]
+    for _ in range(2):
+        assert serve(e, p, exit="kl:0.2", max_new_tokens=4)[2] == 0
+    assert store.stats()["queries"] == 0
+
+
+def test_corrupt_disk_entry_recomputes_the_same_tokens(tmp_path):
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    store = PrefixStore.from_specs([f"disk:{tmp_path}:64MiB"], chunk_size=CS)
+    e = Engine(model, kv="mean", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    p = prompts(n=1)[0]
+    cold = serve(e, p, num_loops=3, max_new_tokens=6)
+    store.flush()
+    files = sorted(tmp_path.glob("*/*.kv"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 3
+    raw = bytearray(files[1].read_bytes())  # the second chunk of the prefix
+    raw[-5] ^= 0x10
+    files[1].write_bytes(bytes(raw))
+    warm = serve(e, p, num_loops=3, max_new_tokens=6)
+    assert warm[:2] == cold[:2] and warm[2] == 8  # the first chunk served, the corrupt one recomputed
