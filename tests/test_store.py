@@ -242,3 +242,87 @@ def test_corrupt_disk_entry_recomputes_the_same_tokens(tmp_path):
     files[1].write_bytes(bytes(raw))
     warm = serve(e, p, num_loops=3, max_new_tokens=6)
     assert warm[:2] == cold[:2] and warm[2] == 8  # the first chunk served, the corrupt one recomputed
+
+
+# ---------------------------------------------------------------------- Redis
+
+
+def test_redis_tier_roundtrip_and_corruption(redis_server):
+    import redis
+
+    from looplm.store import RedisTier
+
+    tier = RedisTier(redis_server.url)
+    tier.clear()
+    tier.put("c" * 40, chunk(3))
+    assert torch.equal(tier.get("c" * 40)["k"], chunk(3)["k"])
+    raw = redis.Redis(port=redis_server.port)
+    blob = bytearray(raw.get(tier.prefix + "c" * 40))
+    blob[-3] ^= 0x04  # a byte flipped in Redis
+    raw.set(tier.prefix + "c" * 40, bytes(blob))
+    assert tier.get("c" * 40) is None and raw.get(tier.prefix + "c" * 40) is None  # a miss, and dropped
+    raw.set(tier.prefix + "d" * 40, encode(chunk(4))[:-100])  # truncated
+    assert tier.get("d" * 40) is None
+    info = raw.config_get("maxmemory-policy")
+    assert info["maxmemory-policy"] == "allkeys-lru"
+    assert tier.stats()["policy"] == "allkeys-lru" and tier.stats()["up"]
+
+
+def test_redis_down_is_a_miss_logged_once_and_back_when_it_is(redis_server, caplog):
+    from looplm.store import RedisTier
+
+    tier = RedisTier(redis_server.url, timeout_s=0.5, retry_s=0.0)
+    tier.put("e" * 40, chunk(5))
+    redis_server.stop()
+    try:
+        with caplog.at_level("WARNING", logger="looplm.store"):
+            for _ in range(3):
+                assert tier.get("e" * 40) is None
+                tier.put("f" * 40, chunk(6))  # no exception: the write is dropped
+        assert not tier.up
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        redis_server.start()
+    tier.put("f" * 40, chunk(6))
+    assert torch.equal(tier.get("f" * 40)["v"], chunk(6)["v"]) and tier.up
+
+
+AGENT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from test_batching import ENGINE_SHAPES
+from test_store import prompts, serve
+from looplm.batching import Engine
+from looplm.store import PrefixStore
+
+store = PrefixStore.from_specs([{url!r}], chunk_size=8)
+engine = Engine(tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"]), kv=sys.argv[1], max_loops=4, max_batch_size=2,
+                max_tokens=200, kv_store=store)
+tokens, loops, cached = serve(engine, prompts()[int(sys.argv[2])], num_loops=3, max_new_tokens=6)
+store.flush()
+print(json.dumps(dict(tokens=tokens, loops=loops, cached=cached, hits=engine.prefix_hits)))
+"""
+
+
+def test_a_prefix_stored_by_one_process_is_a_hit_in_another(redis_server, tmp_path):
+    """Two agent processes: the first pays the prefill and stores through Redis; the second (another kv
+    strategy, another tail) loads the 24 shared positions and still equals `generate` alone."""
+    import json
+
+    from looplm.store import RedisTier
+
+    RedisTier(redis_server.url).clear()
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT.format(tests=os.path.dirname(__file__), url=redis_server.url))
+
+    def agent(kv, i):
+        out = subprocess.run([sys.executable, str(script), kv, str(i)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = agent("last", 0), agent("per_loop", 1)
+    assert first["cached"] == 0 and second["cached"] == 24 and second["hits"] == {"redis": 3}
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    for got, kv, p in ((first, "last", prompts()[0]), (second, "per_loop", prompts()[1])):
+        assert (got["tokens"], got["loops"]) == alone(model, p, kv, dict(num_loops=3, max_new_tokens=6))[:2]

@@ -427,6 +427,8 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(help="The model's name in the API (default: the model dir's name).")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="LOOPLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize.")] = None,
     chat_template: Annotated[Optional[str], typer.Option(help="A Jinja chat template (a file, or the template itself) for a model whose tokenizer has none, or to replace its own.")] = None,
+    kv_store: Annotated[Optional[list[str]], typer.Option("--kv-store", help="A tier of the KV prefix store, repeatable, fastest first: host:4GiB | disk:PATH:20GiB | redis://HOST:PORT (docs/memory.md).")] = None,
+    kv_chunk_size: Annotated[int, typer.Option(help="Prompt positions per chunk of the KV prefix store (a prefix is reused in whole chunks).")] = 256,
     core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
     device: Device = "cpu",
@@ -458,6 +460,9 @@ def serve(
         if model is not None and not Path(model).exists():
             raise ValueError(f"--model {model!r}: no such file or directory")
         block = _block(core)
+        if kv_store:
+            from looplm.store import PrefixStore
+            PrefixStore.from_specs(kv_store, chunk_size=kv_chunk_size)  # refuse a bad spec now, not when loaded
         template = chat_template
         if chat_template is not None and Path(chat_template).is_file():
             template = Path(chat_template).read_text()
@@ -472,13 +477,52 @@ def serve(
         return net, tok, Path(path).name
 
     opts = ServerOptions(model_name=served_model_name, kvs=kvs, max_loops=max_loops, max_batch_size=max_batch_size,
-                         max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template)
+                         max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template,
+                         kv_store=list(kv_store or []), kv_chunk_size=kv_chunk_size)
     import signal
 
     # uvicorn handles SIGTERM (stop accepting, let open requests end, lifespan shutdown), then raises it again
     # with the handler it found; an ignoring one makes that graceful end exit 0 instead of "killed by SIGTERM"
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(create_app(load, opts), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+
+
+kv_store_app = typer.Typer(help="The KV prefix store's disk and Redis tiers (docs/memory.md): what they hold, or empty them.")
+app.add_typer(kv_store_app, name="kv-store")
+KVStoreSpecs = Annotated[list[str], typer.Option("--kv-store", help="A tier, repeatable: disk:PATH:SIZE | redis://HOST:PORT (a host tier lives inside one server process).")]
+
+
+def _kv_store(specs: list[str]):
+    from looplm.store import PrefixStore
+
+    try:
+        return PrefixStore.from_specs(specs)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@kv_store_app.command("stats")
+def kv_store_stats(kv_store: KVStoreSpecs, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Entries, bytes and budget of each tier."""
+    tiers = _kv_store(kv_store).stats()["tiers"]
+    if as_json:
+        print(json.dumps(tiers))
+        return
+    print(f"{'tier':<6} {'entries':>8} {'bytes':>14} {'budget':>14}  where")
+    for t in tiers:
+        where = t.get("path") or t.get("url", "")
+        if t["tier"] == "redis":
+            where += "" if t["up"] else "  (unreachable)"
+            where += f"  policy={t['policy']}" if t.get("policy") else ""
+        print(f"{t['tier']:<6} {t['entries'] if t['entries'] is not None else '-':>8} "
+              f"{t['bytes'] if t['bytes'] is not None else '-':>14} {t['budget'] or '-':>14}  {where}")
+
+
+@kv_store_app.command("clear")
+def kv_store_clear(kv_store: KVStoreSpecs) -> None:
+    """Delete every stored chunk from each tier."""
+    for tier, n in _kv_store(kv_store).clear().items():
+        print(f"{tier}: {n} entries deleted")
 
 
 eval_app = typer.Typer(help="Evaluate under compute and memory budgets: tables, plots, comparisons.")

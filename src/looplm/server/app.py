@@ -44,6 +44,8 @@ class ServerOptions:
     max_kv_tokens: int | None = None  # KV positions each engine may reserve; default max(8192, the context)
     api_key: str | None = None
     chat_template: str | None = None  # a Jinja template for models whose tokenizer has none
+    kv_store: list[str] = field(default_factory=list)  # prefix store tiers in order, e.g. ["host:4GiB", "redis://..."]
+    kv_chunk_size: int = 256  # prompt positions per stored chunk
 
 
 @dataclass
@@ -71,9 +73,14 @@ def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
     max_loops = model.resolve_loops(opts.max_loops)
     context = model.config.max_position_embeddings
     max_kv = opts.max_kv_tokens or max(8192, context)
-    engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv)
+    store = None
+    if opts.kv_store:  # one store for every pool: what it holds (every loop's KV) serves each strategy
+        from looplm.store import PrefixStore
+        store = PrefixStore.from_specs(opts.kv_store, chunk_size=opts.kv_chunk_size)
+    engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv,
+                          kv_store=store)
                for kv in opts.kvs}
-    metrics = Metrics(opts.model_name, opts.kvs, max_loops)
+    metrics = Metrics(opts.model_name, opts.kvs, max_loops, [t.name for t in store.tiers] if store else [])
     driver = Driver(engines, max_queue=opts.max_queue, metrics=metrics)
     driver.start()
     template = opts.chat_template or getattr(tokenizer, "chat_template", None) or None
@@ -103,6 +110,10 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         st = status["state"]
         if st is not None:  # SIGTERM: uvicorn stopped accepting and let open requests end; now the engine
             st.driver.stop(timeout=30)
+            for engine in st.driver.engines.values():  # the prefix store's queued writes reach their tiers
+                if engine.store is not None:
+                    engine.store.flush()
+                    break
 
     app = FastAPI(title="looplm", lifespan=lifespan, docs_url=None, redoc_url=None)
 

@@ -28,6 +28,7 @@ class _Choice:
     loops: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    cached: int = 0  # prompt tokens whose KV came from the prefix store
     sent: int = 0  # tokens already covered by a streamed chunk
     t_last: float | None = None
 
@@ -126,6 +127,7 @@ async def _events(job: Job, out: asyncio.Queue, t0: float) -> AsyncIterator[tupl
             c.t_last = now
             c.tokens += item.new_tokens
             c.loops += item.loops
+            c.cached = item.cached_tokens
             c.logprobs += item.logprobs
         delta = c.text.add(item.new_tokens)
         if c.text.stopped:  # a stop string: the choice ends here, whatever the engine would do next
@@ -148,7 +150,11 @@ def _usage(job: Job) -> dict:
     n_tokens = sum(len(c.tokens) for c in job.choices.values())
     loops = sum(sum(c.loops) for c in job.choices.values())
     prompt = sum(len(p) for p in job.prompts)
+    cached: dict[int, int] = {}  # per prompt: the most any of its choices reused
+    for c in job.choices.values():
+        cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), c.cached)
     return {"prompt_tokens": prompt, "completion_tokens": n_tokens, "total_tokens": prompt + n_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
             "mean_loops": round(loops / n_tokens, 4) if n_tokens else 0.0}
 
 

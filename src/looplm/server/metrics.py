@@ -13,7 +13,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 
 
 class Metrics:
-    def __init__(self, model_name: str, kvs: list[str], max_loops: int):
+    def __init__(self, model_name: str, kvs: list[str], max_loops: int, tiers: list[str] = ()):
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
         by_pool = ["model_name", "kv"]
@@ -37,6 +37,14 @@ class Metrics:
                                 ["model_name", "finished_reason"], registry=r)
         self.rejected = Counter("looplm:request_rejected", "Requests refused: a full queue (503).", ["model_name"],
                                 registry=r)
+        self.prefix_queries = Counter("looplm:prefix_cache_queries", "Prompt chunks looked up in the KV prefix store.",
+                                      ["model_name"], registry=r)
+        self.prefix_hits = Counter("looplm:prefix_cache_hits", "Prompt chunks found in the KV prefix store, by tier.",
+                                   ["model_name", "tier"], registry=r)
+        self.prefix_queries.labels(model_name)
+        for tier in tiers:
+            self.prefix_hits.labels(model_name, tier)
+        self._seen: dict[str, tuple[int, dict]] = {}  # kv → the engine's prefix counts at the last update
         for kv in kvs:  # every pool's series exists from the start, at 0
             for g in (self.running, self.waiting, self.kv_bytes, self.kv_allocated):
                 g.labels(model_name, kv).set(0)
@@ -49,6 +57,14 @@ class Metrics:
         self.waiting.labels(m, kv).set(stats["waiting"])
         self.kv_bytes.labels(m, kv).set(stats["kv_bytes"])
         self.kv_allocated.labels(m, kv).set(stats["kv_allocated_bytes"])
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", {})
+        q0, h0 = self._seen.get(kv, (0, {}))
+        if queries > q0:
+            self.prefix_queries.labels(m).inc(queries - q0)
+        for tier in sorted(hits):
+            if hits[tier] > h0.get(tier, 0):
+                self.prefix_hits.labels(m, tier).inc(hits[tier] - h0.get(tier, 0))
+        self._seen[kv] = (queries, dict(hits))
 
     def tokens(self, kv: str, loops: list[int]) -> None:
         self.generation_tokens.labels(self.model_name).inc(len(loops))
