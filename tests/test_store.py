@@ -326,3 +326,66 @@ def test_a_prefix_stored_by_one_process_is_a_hit_in_another(redis_server, tmp_pa
     model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
     for got, kv, p in ((first, "last", prompts()[0]), (second, "per_loop", prompts()[1])):
         assert (got["tokens"], got["loops"]) == alone(model, p, kv, dict(num_loops=3, max_new_tokens=6))[:2]
+
+
+# ---------------------------------------------------------------------- int8 KV
+
+
+def test_quantize_error_and_bytes():
+    from looplm.pool import KV, KVPool, parse_kv, quantize
+
+    x = torch.randn(5, 3, 7, 16) * torch.rand(5, 3, 7, 1) * 10
+    x[0, 0, 0] = 0  # a zero vector stays zero
+    codes, scale = quantize(x)
+    back = KV(codes, scale, torch.float32).values()
+    assert codes.dtype == torch.int8 and scale.shape == x.shape[:-1]
+    assert bool(((back - x).abs() <= scale[..., None] / 2 + 1e-6).all()) and bool((back[0, 0, 0] == 0).all())
+    assert parse_kv("last:int8") == ("last", "int8") and parse_kv("mean") == ("mean", "model")
+    for bad in ("last:int4", "bogus:int8"):
+        with pytest.raises(ValueError, match="bogus|int4"):
+            parse_kv(bad)
+    cfg = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"]).config  # 1 + 2 + 1 layers, Hkv 2, Dh 8
+    for strategy, slots in (("last", 4), ("per_loop", 1 + 2 * 4 + 1)):
+        fp = KVPool(cfg, strategy=strategy, max_loops=4, max_rows=2)
+        q = KVPool(cfg, strategy=strategy, max_loops=4, max_rows=2, kv_dtype="int8")
+        assert fp.bytes_per_token == 2 * slots * 2 * 8 * 4  # fp32
+        assert q.bytes_per_token == 2 * slots * 2 * (8 + 4)  # int8 codes + one fp32 scale per head
+
+
+def test_int8_engine_every_request_equals_itself_alone():
+    """Under int8 KV the invariant holds against the same request alone in an int8 engine (`generate` has no
+    int8 cache), and KV bytes are what the pool's layout says."""
+    from test_batching import requests, run
+
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    reqs = requests(n=10, seed=3)
+    for kv in ("last:int8", "mean:int8", "per_loop:int8"):
+        engine = Engine(model, kv=kv, max_loops=4, max_batch_size=4, max_tokens=150, max_step_tokens=8)
+        seen = []
+        results = run(engine, reqs, join_every=2, on_step=lambda *_: seen.append(engine.stats()["kv_bytes"]))
+        for (prompt, kw), got in zip(reqs, results):
+            solo = Engine(model, kv=kv, max_loops=4, max_batch_size=1, max_tokens=150, max_step_tokens=64)
+            assert got[:2] == run(solo, [(prompt, kw)])[0][:2], (kv, prompt, kw)
+        assert max(seen) > 0 and engine.stats()["kv_bytes"] == 0
+    e = Engine(model, kv="last:int8", max_loops=4, max_batch_size=1, max_tokens=150)
+    rid = e.add_request(list(range(10)), max_new_tokens=3, stop_tokens=[])
+    while e.has_unfinished_requests():
+        out = e.step()
+    assert out[0].kv_bytes == 12 * e.pool.bytes_per_token  # 10 prompt + 2 fed-back tokens held at the end
+    assert rid == out[0].request_id
+
+
+@pytest.mark.parametrize("kv", ["last:int8", "first:int8", "per_loop:int8"])
+def test_int8_warm_equals_cold(kv):
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    store = PrefixStore.from_specs(["host:64MiB"], chunk_size=CS)
+    warm = Engine(model, kv=kv, max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    cold = Engine(model, kv=kv, max_loops=4, max_batch_size=2, max_tokens=200)
+    for i, p in enumerate(prompts()):
+        got = serve(warm, p, num_loops=3, max_new_tokens=6)
+        assert got[:2] == serve(cold, p, num_loops=3, max_new_tokens=6)[:2] and got[2] == (0 if i == 0 else 24)
+    stored = store.tiers[0]._data
+    assert stored and all(c["k"].dtype == torch.int8 and c["k_scale"].dtype == torch.float32 for c in stored.values())
+    fp = PrefixStore(store.tiers, chunk_size=CS)  # the same tier: int8 chunks never serve an fp engine
+    assert serve(Engine(model, kv=kv.split(":")[0], max_loops=4, max_batch_size=2, max_tokens=200, kv_store=fp),
+                 prompts()[1], num_loops=3, max_new_tokens=2)[2] == 0

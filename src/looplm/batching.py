@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cache import check_strategy
 from .engine import check_sampling, sample, stop_tokens_for
 from .exits import ExitPolicy, LoopTracker
 from .model import LoopedLM, _Attend, _Context
-from .pool import KVPool
+from .pool import KV, KVPool, parse_kv
 from .store import PrefixStore, chunk_keys, weights_fingerprint
 
 
@@ -71,8 +70,8 @@ class _Request:
     cached: int = 0  # prompt positions loaded from the prefix store
     store_keys: list[str] | None = None  # the prompt's chunk keys when the store serves this request
     prefilled: int = 0  # prompt positions whose chunks ran every loop
-    scratch_k: torch.Tensor | None = None  # (C, R, Hkv, prompt, Dh): per-loop prompt KV (shared strategies)
-    scratch_v: torch.Tensor | None = None
+    scratch_k: KV | None = None  # (C, R, Hkv, prompt, Dh): per-loop prompt KV (shared strategies)
+    scratch_v: KV | None = None
     item: _Item | None = None  # the work in flight
     next_token: int | None = None  # sampled, to be fed at the next step
     tokens: list[int] = field(default_factory=list)
@@ -133,7 +132,8 @@ class _Plan:
 class Engine:
     """Continuous batching of requests, each with its own compute budget (see the module docstring).
 
-    model: a LoopedLM. kv: the KV strategy of this engine's pool. max_loops: the most loops a request
+    model: a LoopedLM. kv: the KV strategy of this engine's pool, optionally with ':int8' ("last:int8": int8
+    codes with a scale per token and head in the pool, the prompt scratch and the store). max_loops: the most loops a request
     may ask for (default the model's num_loops). max_batch_size: requests running at once (pool rows).
     max_tokens: KV positions the engine may hold; a request reserves prompt + max_new_tokens and waits
     until that fits. max_step_tokens: tokens one step may process (prompt chunks + decoding tokens).
@@ -145,14 +145,15 @@ class Engine:
                  max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512,
                  kv_store: PrefixStore | Sequence[str] | None = None):
         self.model, self.config = model, model.config
-        self.kv = check_strategy(kv)
+        self.kv, self.kv_dtype = parse_kv(kv)  # "last:int8": the strategy, and int8 KV in the pool and the store
         self.max_loops = model.resolve_loops(max_loops)
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
                             ("max_step_tokens", max_step_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
         self.max_batch_size, self.max_tokens, self.max_step_tokens = max_batch_size, max_tokens, max_step_tokens
-        self.pool = KVPool(self.config, strategy=kv, max_loops=self.max_loops, max_rows=max_batch_size,
+        self.pool = KVPool(self.config, strategy=self.kv, kv_dtype=self.kv_dtype, max_loops=self.max_loops,
+                           max_rows=max_batch_size,
                            dtype=model.dtype, device=model.device)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -251,7 +252,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> dict:
-        scratch = sum(r.scratch_k.nbytes * 2 for r in self.running if r.scratch_k is not None)
+        scratch = sum(r.scratch_k.nbytes + r.scratch_v.nbytes for r in self.running if r.scratch_k is not None)
         return dict(running=len(self.running), waiting=len(self.waiting), kv_bytes=self.pool.kv_bytes + scratch,
                     kv_allocated_bytes=self.pool.nbytes + scratch, reserved_tokens=self.reserved,
                     steps=self.num_steps, prefill_core_layer_evals=self.prefill_core_layer_evals,
@@ -262,7 +263,7 @@ class Engine:
         req = self.requests[str(request_id)]
         if req.row < 0:
             return 0
-        return self.pool.row_bytes(req.row) + (0 if req.scratch_k is None else 2 * req.scratch_k.nbytes)
+        return self.pool.row_bytes(req.row) + (0 if req.scratch_k is None else req.scratch_k.nbytes + req.scratch_v.nbytes)
 
     def _release(self, req: _Request) -> None:
         if req in self.running:
@@ -284,8 +285,8 @@ class Engine:
             if self.kv != "per_loop":  # every loop's prompt KV, until the prefill commits
                 cfg = self.config
                 shape = (cfg.num_core_layers, req.num_loops, cfg.num_key_value_heads, len(req.prompt), cfg.head_dim)
-                req.scratch_k = torch.zeros(shape, dtype=self.model.dtype, device=self.model.device)
-                req.scratch_v = torch.zeros_like(req.scratch_k)
+                req.scratch_k = KV.zeros(shape, dtype=self.model.dtype, device=self.model.device, int8=self.pool.int8)
+                req.scratch_v = KV.zeros(shape, dtype=self.model.dtype, device=self.model.device, int8=self.pool.int8)
             if self.store is not None:
                 self._lookup(req)
             self.running.append(req)
@@ -299,7 +300,8 @@ class Engine:
 
     def _root(self, req: _Request, num_loops: int) -> str:
         """What a stored chunk's KV depends on besides its tokens (docs/memory.md, "The key")."""
-        parts = [self._fingerprint, str(self.model.dtype), f"loops={num_loops}", f"chunk={self.store.chunk_size}"]
+        parts = [self._fingerprint, str(self.model.dtype), f"kv_dtype={self.kv_dtype}", f"loops={num_loops}",
+                 f"chunk={self.store.chunk_size}"]
         if self.model.coda:  # coda KV is read at each position's exit
             parts.append(f"exit={req.policy.spec() if req.policy is not None else 'static'}")
         return "|".join(parts)
@@ -351,15 +353,21 @@ class Engine:
                 yield pool.k[s, req.row, :, a:b], pool.v[s, req.row, :, a:b]
 
     def _load(self, req: _Request, chunk: dict, a: int, num_loops: int) -> bool:
+        """Copy a stored chunk (its K, V — int8 codes and scales under int8 KV — as they were computed) into
+        positions a..a+chunk of the request; False when it is not what its key promises (a miss)."""
         cfg, cs = self.config, self.store.chunk_size
-        k, v = chunk.get("k"), chunk.get("v")
         shape = (len(self._layout(num_loops)), cfg.num_key_value_heads, cs, cfg.head_dim)
-        if k is None or v is None or tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != self.model.dtype:
-            return False  # not what this key promises: a miss
+        want = {"k": (shape, self.pool.k.data.dtype), "v": (shape, self.pool.k.data.dtype)}
+        if self.pool.int8:
+            want.update(k_scale=(shape[:-1], torch.float32), v_scale=(shape[:-1], torch.float32))
+        if set(chunk) != set(want) or any(tuple(chunk[n].shape) != s or chunk[n].dtype != d for n, (s, d) in want.items()):
+            return False
+        k = KV(chunk["k"], chunk.get("k_scale"), self.model.dtype)
+        v = KV(chunk["v"], chunk.get("v_scale"), self.model.dtype)
         for i, (dk, dv) in enumerate(self._slot_views(req, a, a + cs, num_loops)):
             if dk is not None:
-                dk.copy_(k[i])
-                dv.copy_(v[i])
+                dk[...] = k[i]
+                dv[...] = v[i]
         return True
 
     def _save(self, req: _Request) -> None:
@@ -367,8 +375,11 @@ class Engine:
         cs = self.store.chunk_size
         for i in range(req.cached // cs, len(req.store_keys)):
             views = list(self._slot_views(req, i * cs, (i + 1) * cs, req.num_loops))
-            self.store.put(req.store_keys[i], {"k": torch.stack([k for k, _ in views]),
-                                               "v": torch.stack([v for _, v in views])})
+            chunk = {"k": torch.stack([k.data for k, _ in views]), "v": torch.stack([v.data for _, v in views])}
+            if self.pool.int8:
+                chunk.update(k_scale=torch.stack([k.scale for k, _ in views]),
+                             v_scale=torch.stack([v.scale for _, v in views]))
+            self.store.put(req.store_keys[i], chunk)
 
     def _schedule(self) -> list[_Item]:
         budget = self.max_step_tokens
@@ -459,8 +470,8 @@ class Engine:
             dv[:, a:b] = v[0, :, at]
             mask, causal = masks[1] if attn.sliding else masks[0]
             y[:, :, at] = F.scaled_dot_product_attention(
-                q[:, :, at], dk[None, :, :b], dv[None, :, :b], attn_mask=mask, is_causal=causal, scale=attn.scale,
-                enable_gqa=gqa)
+                q[:, :, at], dk[None, :, :b].values(), dv[None, :, :b].values(), attn_mask=mask, is_causal=causal,
+                scale=attn.scale, enable_gqa=gqa)
         g = plan.decode
         if g is not None:  # every decoding token in one call, each reading its own row (and its loop's slot)
             base = pool.slot(layer_idx, 0)
@@ -470,8 +481,8 @@ class Engine:
             pool.v[slots, g.rows, :, g.pos] = vn
             if shared_core and self.kv != "last":
                 pool.hold(j, g.rows, g.first, kn, vn)
-            keys = pool.k[slots, g.rows, :, : g.T]  # (n, Hkv, T, Dh)
-            vals = pool.v[slots, g.rows, :, : g.T]
+            keys = pool.k[slots, g.rows, :, : g.T].values()  # (n, Hkv, T, Dh)
+            vals = pool.v[slots, g.rows, :, : g.T].values()
             qn = q[0, :, g.idx].transpose(0, 1)[:, :, None]  # (n, H, 1, Dh)
             yn = F.scaled_dot_product_attention(qn, keys, vals, attn_mask=g.window_mask if attn.sliding else g.mask,
                                                 scale=attn.scale, enable_gqa=gqa)

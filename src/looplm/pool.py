@@ -6,7 +6,8 @@ different lengths and ages, a finished or aborted request's row is reused, and `
 row back to its first n positions. A row's keys are read only by its own queries, so what one request
 computes never depends on the others.
 
-    k, v        (slots, rows, Hkv, capacity, Dh) in the model's dtype
+    k, v        (slots, rows, Hkv, capacity, Dh) `KV` buffers: the model's dtype, or int8 codes with an fp32 scale
+                per (token, head) under `kv_dtype="int8"` (issue 15: KV below 1/R of a per-loop fp cache)
     held_k/v    (core layers, rows, Hkv, Dh) fp32: the decoding token's first loop (`first`) or the sum of
                 its loops so far (`mean`), written into the slot when it exits (the commit rule of `KVCache`)
 
@@ -22,11 +23,77 @@ import torch
 from .cache import check_strategy
 from .config import LoopConfig
 
+KV_DTYPES = ("model", "int8")
+
+
+def parse_kv(spec: str) -> tuple[str, str]:
+    """'last' → ('last', 'model'); 'last:int8' → ('last', 'int8')."""
+    strategy, _, kv_dtype = str(spec).partition(":")
+    check_strategy(strategy)
+    kv_dtype = kv_dtype or "model"
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv {spec!r}: the KV dtype after ':' must be one of {list(KV_DTYPES[1:])}, got {kv_dtype!r}")
+    return strategy, kv_dtype
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per vector of the last dim (one head of one token): x ≈ codes * scale."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127.0
+    codes = torch.round(xf / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+    return codes.clamp_(-127, 127).to(torch.int8), scale
+
+
+class KV:
+    """A K or V buffer (..., Dh): values in `dtype`, or int8 codes + an fp32 scale per vector (`scale` (...)).
+    Indexing (never of the last dim) gives a KV over the same storage for basic indices, as torch does;
+    assigning a tensor quantizes it, assigning a KV copies its codes and scales as they are; `values()`
+    reads back in `dtype`."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
+        self.data, self.scale, self.dtype = data, scale, dtype
+
+    @classmethod
+    def zeros(cls, shape: tuple, *, dtype: torch.dtype, device, int8: bool) -> KV:
+        if int8:
+            return cls(torch.zeros(shape, dtype=torch.int8, device=device),
+                       torch.zeros(shape[:-1], dtype=torch.float32, device=device), dtype)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), None, dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+    def __getitem__(self, idx) -> KV:
+        return KV(self.data[idx], None if self.scale is None else self.scale[idx], self.dtype)
+
+    def __setitem__(self, idx, value: torch.Tensor | KV) -> None:
+        if isinstance(value, KV):
+            self.data[idx] = value.data
+            if self.scale is not None:
+                self.scale[idx] = value.scale
+        elif self.scale is None:
+            self.data[idx] = value
+        else:
+            self.data[idx], self.scale[idx] = quantize(value)
+
+    def values(self) -> torch.Tensor:
+        if self.scale is None:
+            return self.data
+        return (self.data.float() * self.scale[..., None]).to(self.dtype)
+
 
 class KVPool:
     def __init__(self, config: LoopConfig, *, strategy: str, max_loops: int, max_rows: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", kv_dtype: str = "model"):
         self.config, self.strategy = config, check_strategy(strategy)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
+        self.int8 = kv_dtype == "int8"
         if max_loops < 1 or max_rows < 1:
             raise ValueError(f"max_loops and max_rows must be ≥ 1, got {max_loops}, {max_rows}")
         self.max_loops, self.max_rows, self.dtype, self.device = max_loops, max_rows, dtype, torch.device(device)
@@ -49,7 +116,8 @@ class KVPool:
     def bytes_per_token(self) -> int:
         """Bytes one position of one row holds (every layer, every slot)."""
         cfg = self.config
-        return 2 * self.num_slots * cfg.num_key_value_heads * cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        per_head = cfg.head_dim + 4 if self.int8 else cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_slots * cfg.num_key_value_heads * per_head
 
     def row_bytes(self, row: int) -> int:
         return self.lengths[row] * self.bytes_per_token
@@ -66,8 +134,9 @@ class KVPool:
     def _allocate(self, rows: int, cap: int) -> None:
         cfg = self.config
         Hkv, Dh, C = cfg.num_key_value_heads, cfg.head_dim, cfg.num_core_layers
-        k = torch.zeros((self.num_slots, rows, Hkv, cap, Dh), dtype=self.dtype, device=self.device)
-        v = torch.zeros_like(k)
+        shape = (self.num_slots, rows, Hkv, cap, Dh)
+        k = KV.zeros(shape, dtype=self.dtype, device=self.device, int8=self.int8)
+        v = KV.zeros(shape, dtype=self.dtype, device=self.device, int8=self.int8)
         if self.k is not None and self._alloc_rows and self._alloc_cap:
             r, c = min(rows, self._alloc_rows), min(cap, self._alloc_cap)
             k[:, :r, :, :c] = self.k[:, :r, :, :c]
@@ -172,7 +241,7 @@ class KVPool:
             self.held_k[core_idx, r] += k[later].float()
             self.held_v[core_idx, r] += v[later].float()
 
-    def commit_prompt(self, row: int, start: int, scratch_k: torch.Tensor, scratch_v: torch.Tensor,
+    def commit_prompt(self, row: int, start: int, scratch_k: KV, scratch_v: KV,
                       num_loops: int) -> None:
         """Shared strategies: the prompt's per-loop core K/V (C, R, Hkv, S, Dh), kept while it was prefilled,
         become what the strategy keeps for positions start..start+S (every prompt position ran every loop)."""
@@ -186,9 +255,9 @@ class KVPool:
             elif self.strategy == "first":
                 kk, vv = scratch_k[j, 0], scratch_v[j, 0]
             else:  # mean: summed in fp32 loop by loop (KVCache's order), then divided
-                kk, vv = scratch_k[j, 0].float(), scratch_v[j, 0].float()
+                kk, vv = scratch_k[j, 0].values().float(), scratch_v[j, 0].values().float()
                 for r in range(1, num_loops):
-                    kk, vv = kk + scratch_k[j, r].float(), vv + scratch_v[j, r].float()
+                    kk, vv = kk + scratch_k[j, r].values().float(), vv + scratch_v[j, r].values().float()
                 kk, vv = (kk / float(num_loops)).to(self.dtype), (vv / float(num_loops)).to(self.dtype)
             self.k[s, row, :, at] = kk
             self.v[s, row, :, at] = vv
