@@ -32,7 +32,7 @@ def redis_url(redis_server):
 
 
 def test_cached_tokens_and_metrics(tmp_path_factory, redis_url, offline):
-    s = start_server(tmp_path_factory, "--kv", "last,per_loop", "--kv-store", "host:64MiB", "--kv-store", redis_url,
+    s = start_server(tmp_path_factory, "--kv", "last,per_loop,last:int8", "--kv-store", "host:64MiB", "--kv-store", redis_url,
                      "--kv-chunk-size", str(CHUNK))
     try:
         text, cached, n = complete(s)
@@ -43,9 +43,12 @@ def test_cached_tokens_and_metrics(tmp_path_factory, redis_url, offline):
         # the store holds every loop's KV, so the per_loop pool reuses what the last pool stored
         assert complete(s, kv="per_loop") == (reference(offline, LONG, kv="per_loop", ignore_eos=True,
                                                         max_new_tokens=5)[2], 48, 62)
+        # int8 KV is stored under keys of its own: a miss first, then a hit, the same answer both times
+        text8, cached8, _ = complete(s, kv="last:int8")
+        assert cached8 == 0 and complete(s, kv="last:int8") == (text8, 48, 62)
         m = httpx.get(f"{s.url}/metrics").text
-        assert metric(m, "looplm:prefix_cache_queries_total") == 1 + 3 + 3  # a lookup stops at its first miss
-        assert metric(m, "looplm:prefix_cache_hits_total", tier="host") == 6
+        assert metric(m, "looplm:prefix_cache_queries_total") == 1 + 3 + 3 + 1 + 3  # a lookup stops at its first miss
+        assert metric(m, "looplm:prefix_cache_hits_total", tier="host") == 9
         assert metric(m, "looplm:prefix_cache_hits_total", tier="redis") == 0
     finally:
         assert s.stop() == 0, s.log.read_text()

@@ -419,7 +419,7 @@ def serve(
     model: Annotated[Optional[str], typer.Option(help="Model dir (Ouro, looplm, HF Llama-family) or .gguf; default SmolLM2-135M-Instruct.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    kv: Annotated[str, typer.Option(help="KV strategies served, comma-separated (one engine and KV pool each); the first is the default, a request picks another with its `kv` field.")] = "last",
+    kv: Annotated[str, typer.Option(help="KV strategies served, comma-separated (one engine and KV pool each), each optionally with ':int8' (int8 KV); the first is the default, a request picks another with its `kv` field.")] = "last",
     max_loops: Annotated[Optional[int], typer.Option(help="The most loops a request may ask for (default: the model's num_loops).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests running at once per engine (KV pool rows).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row; past it a request gets 503.")] = 256,
@@ -445,7 +445,10 @@ def serve(
     _setup(threads=threads, device=device)
     kvs = [k.strip() for k in kv.split(",") if k.strip()]
     try:
-        _check_budget(kvs=kvs, exits=[])
+        from looplm.pool import parse_kv
+
+        for k in kvs:  # a strategy, optionally with ':int8'
+            parse_kv(k)
         if not kvs or len(set(kvs)) != len(kvs):
             raise ValueError(f"--kv {kv!r}: list each strategy once")
         for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue), ("--port", port)):
