@@ -25,6 +25,12 @@ def test_import_looplm_imports_nothing_heavy():
     assert not loaded & {*HEAVY, "torch", "typer"}, sorted(loaded & {*HEAVY, "torch", "typer"})
 
 
+def test_looplm_and_its_public_names_do_not_import_the_training_package():
+    """Issue 13: using looplm (load, generate, calibrate, the bundled model's path, ...) never imports looplm.train."""
+    loaded = modules_after("import looplm\nfor name in looplm.__all__: getattr(looplm, name)")
+    assert "looplm.model" in loaded and not {m for m in loaded if m.startswith("looplm.train")}
+
+
 def test_help_of_every_command_imports_nothing_heavy():
     code = """
 from typer.testing import CliRunner

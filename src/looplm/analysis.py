@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .loops import LoopRun
 from .model import LoopedLM
 
 
@@ -42,20 +43,17 @@ def diagnose(model: LoopedLM, sequences: list[list[int]], *, num_loops: int | No
     for seq in sequences:
         ids = torch.tensor([seq], device=model.device)
         ctx = model.context(ids, None, None, R)
-        x = e = model.embed(ids, ctx)
-        prev = x
-        for r in range(R):
-            x = model.inject(x, e, r)
-            for j, layer in enumerate(model.core):
-                y = layer(x, ctx, P + j, r)
-                layer_rel[r, j] += _rel(y, x).sum()
-                layer_ent[r, j] += _entropy(model.readout(y, ctx)).sum()
-                x = y
-            if cfg.loop_norm:
-                x = model.norm(x)
+        prev = model.embed(ids, ctx)  # (1, S, D)
+
+        def on_layer(loop_idx: int, layer_idx: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            layer_rel[loop_idx, layer_idx - P] += _rel(y, x).sum()
+            layer_ent[loop_idx, layer_idx - P] += _entropy(model.readout(y, ctx)).sum()
+
+        for loop in LoopRun(model, prev, ctx, R, logits=slice(None), on_layer=on_layer):
+            r, x = loop.loop - 1, loop.hidden
             sums["rel"][r] += _rel(x, prev).sum()
             sums["cos"][r] += torch.nn.functional.cosine_similarity(x.float(), prev.float(), dim=-1).sum()
-            sums["ent"][r] += _entropy(model.readout(x, ctx)).sum()
+            sums["ent"][r] += _entropy(loop.logits).sum()
             prev = x
         count += ids.shape[1]
     n = max(1, count)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .exits import LoopTracker, parse_exit
+from .exits import parse_exit
+from .loops import LoopRun
 from .model import LoopedLM
 
 KINDS = {"q": "cdf", "conv": "rel_change", "kl": "kl", "entropy": "entropy"}
@@ -103,21 +104,15 @@ def loop_table(model: LoopedLM, sequences: Sequence[Sequence[int]], *, num_loops
             mask[i, : len(s)] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
         ctx = model.context(ids, mask, None, R)
-        x = e = model.embed(ids, ctx)
-        tracker = LoopTracker(parse_exit(kinds), ids.numel(), ids.device, start_hidden=x.flatten(0, 1))
         targets = ids[:, 1:]
         valid = mask[:, 1:].bool() & mask[:, :-1].bool()  # (B, S-1)
         per_loop_nll, per_loop_stats = [], {v: [] for v in KINDS.values()}
-        for loop_idx in range(R):
-            x = model.core_loop(x, e, ctx, loop_idx)
-            logits = model.readout(x, ctx)  # (B, S, V)
-            lam = model.exit_lambda(x)
-            st = tracker.step(loop_idx + 1, hidden=x.flatten(0, 1), lam=None if lam is None else lam.flatten(),
-                              logits=logits.flatten(0, 1))
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        # every position runs every loop; the policy of every kind is there for its statistics
+        for loop in LoopRun(model, model.embed(ids, ctx), ctx, R, policy=parse_exit(kinds), logits=slice(None)):
+            logp = torch.log_softmax(loop.logits[:, :-1].float(), -1)  # (B, S-1, V)
             per_loop_nll.append(-logp.gather(-1, targets[..., None])[..., 0][valid])
             for kind in KINDS.values():
-                value = getattr(st, kind)
+                value = getattr(loop.stats, kind)
                 if value is not None:
                     per_loop_stats[kind].append(value.view(ids.shape)[:, :-1][valid].float())
         nlls.append(torch.stack(per_loop_nll, 1).cpu())

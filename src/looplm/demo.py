@@ -13,12 +13,14 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import load, load_tokenizer
 from .engine import generate
 from .outputs import is_demo_output, prepare_output_dir
-from .train import synthetic
+
+if TYPE_CHECKING:
+    from .train import synthetic
 
 BUNDLED = Path(__file__).parent / "bundled"
 BUNDLED_NAME = "chain-r4"
@@ -50,6 +52,8 @@ class DemoResult:
 
 def heldout_problems(meta: dict[str, Any], difficulty: int, *, count: int, seed: int) -> list[synthetic.Problem]:
     """Held-out problems of one difficulty in the model's task format (looplm_task.json)."""
+    from .train import synthetic  # here, so that `looplm.bundled_model_dir` does not import looplm.train
+
     options = {k: meta[k] for k in synthetic.FORMAT_OPTIONS if k in meta}
     return synthetic.problems(meta["task"], seed=seed, count=count, difficulties=[difficulty], split="heldout",
                               **options)

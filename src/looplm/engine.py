@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache, check_strategy
-from .exits import ExitPolicy, LoopTracker
+from .exits import ExitPolicy
+from .loops import LoopRun
 from .model import LoopedLM
 
 
@@ -292,52 +293,28 @@ class Generation:
                 break
 
     def _decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new token per active row. Rows leave the loop when their policy fires: each loop gathers
-        the rows still looping and runs the core on them only (no full-batch loops under a mask).
+        """One new token per active row. Rows leave the loop when their policy fires: each loop runs the core
+        on the rows still looping only (no full-batch loops under a mask; `LoopRun(drop=True)`).
         Returns logits (B, V) (zeros for inactive rows) and the loops each row ran (B,)."""
-        model, cache, R, C = self.model, self.cache, self.num_loops, self.model.config.num_core_layers
+        model, cache, R = self.model, self.cache, self.num_loops
         B = tokens.shape[0]
         rows = active.nonzero().squeeze(1)  # (n,) rows that are not finished
         ctx = model.context(tokens[:, None], active[:, None].long(), cache, R)
         full = ctx if len(rows) == B else ctx.select(rows)
-        x = e = model.embed(tokens[rows, None], full)  # (n, 1, D)
+        x = model.embed(tokens[rows, None], full)  # (n, 1, D)
+        run = LoopRun(model, x, full, R, policy=self.policy, drop=True)
+        logits_rows = None  # (n, V) each row's logits at its exit, when the policy reads per-loop logits
+        for loop in run:
+            if loop.logits is not None:
+                if logits_rows is None:
+                    logits_rows = loop.logits.new_zeros(len(rows), loop.logits.shape[-1])
+                out = loop.exits[:, -1]
+                logits_rows[loop.rows[out]] = loop.logits[out, -1]
+        self.decode_core_layer_evals += run.core_layer_evals
+        if logits_rows is None:  # the coda (if any) runs here on each row's exit state
+            logits_rows = model.readout(run.exit_hidden, full)[:, -1]
         loops = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        if self.policy is None:
-            for loop_idx in range(R):
-                x = model.core_loop(x, e, full, loop_idx)
-            self.decode_core_layer_evals += len(rows) * R * C
-            loops[rows] = R
-            logits_rows = model.readout(x, full)[:, -1]
-        else:
-            tracker = LoopTracker(self.policy, len(rows), tokens.device, start_hidden=x[:, 0])
-            run = rows  # rows still looping (indices into the batch)
-            sub = full
-            final_h = torch.empty_like(x)  # (n, 1, D) each row's state at its exit
-            logits_rows = None
-            pos = torch.full((B,), -1, dtype=torch.long, device=tokens.device)
-            pos[rows] = torch.arange(len(rows), device=tokens.device)  # batch row → index in `rows`
-            for loop_idx in range(R):
-                x = model.core_loop(x, e, sub, loop_idx)
-                self.decode_core_layer_evals += len(run) * C
-                lg = model.readout(x, sub)[:, -1] if "logits" in self.policy.needs else None
-                stats = tracker.step(loop_idx + 1, hidden=x[:, 0], lam=model.exit_lambda(x[:, 0]), logits=lg)
-                done = self.policy.exits(stats, R)
-                if bool(done.any()):
-                    at = pos[run[done]]
-                    final_h[at] = x[done]
-                    loops[run[done]] = loop_idx + 1
-                    if lg is not None:
-                        if logits_rows is None:
-                            logits_rows = lg.new_zeros(len(rows), lg.shape[-1])
-                        logits_rows[at] = lg[done]
-                if bool(done.all()):
-                    break
-                stay = ~done
-                run, x, e = run[stay], x[stay], e[stay]
-                tracker.keep(stay)
-                sub = ctx.select(run)
-            if logits_rows is None:  # the coda (if any) runs here on each row's exit state
-                logits_rows = model.readout(final_h, full)[:, -1]
+        loops[rows] = run.exit_loop[:, -1]
         cache.commit(exit_loops=loops[:, None])
         logits = logits_rows.new_zeros(B, logits_rows.shape[-1])
         logits[rows] = logits_rows

@@ -19,7 +19,8 @@ from torch import nn
 from typing import TYPE_CHECKING, Callable
 
 from .config import LoopConfig
-from .exits import ExitPolicy, LoopTracker, Static, parse_exit
+from .exits import ExitPolicy, Static, parse_exit
+from .loops import LoopRun
 
 if TYPE_CHECKING:
     from .cache import KVCache
@@ -158,42 +159,22 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh)
-        view = ctx.sliding if self.sliding and ctx.sliding is not None else ctx  # a sliding layer's RoPE and mask
+        view = ctx.view(self.sliding)  # a sliding layer's RoPE and mask
         q, k = apply_rope(q, view.cos, view.sin), apply_rope(k, view.cos, view.sin)
-        if ctx.attend is not None:  # the engine's packed step: it stores K/V and attends row by row
-            y = ctx.attend(self, q, k, v, layer_idx)  # (1, H, N, Dh)
-            return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = keys kept + S
-        if ctx.collect is not None:
-            ctx.collect[layer_idx] = (k, v)  # a core layer's entry ends at the last loop (autograd kept)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=view.mask, is_causal=view.is_causal, scale=self.scale,
-            enable_gqa=self.n_kv != self.n_head,
-        )  # (B, H, S, Dh)
-        if ctx.shared_kv is not None and layer_idx in ctx.shared_kv:
-            y = self._as_decoded(q, k, v, y, *ctx.shared_kv[layer_idx], ctx.decode_from)
+        if ctx.attend is not None:  # a hook stores K/V and attends (the engine's packed step, training's replay)
+            y = ctx.attend(self, q, k, v, layer_idx)  # (B, H, S, Dh)
+        else:
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = kept + S
+            y = self.sdpa(q, k, v, view)  # (B, H, S, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
-    def _as_decoded(self, q, k, v, y, k_last, v_last, decode_from):
-        """Training only: positions t ≥ decode_from[b] attend as a decode step under kv="last" does — to the
-        earlier positions' last-loop K/V (k_last, v_last from an earlier pass, RoPE applied) and to their own
-        K/V at this loop. Other positions keep y (the prefill's per-loop attention). Full sequences, no padding
-        before the decoded part (training batches are right-padded)."""
-        B, H, S, Dh = q.shape
-        rep = self.n_head // self.n_kv
-        k_last, v_last, k, v = (t.repeat_interleave(rep, dim=1) for t in (k_last, v_last, k, v))
-        scale = self.scale
-        past = (q @ k_last.transpose(-1, -2)) * scale  # (B, H, S, S)
-        earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)
-        if self.sliding:  # a sliding layer's decode step sees the last `window` positions, itself included
-            earlier = earlier & ~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-self.window)
-        past = past.masked_fill(~earlier, float("-inf"))
-        own = (q * k).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
-        w = torch.softmax(torch.cat([past, own], -1).float(), -1).to(q.dtype)
-        decoded = w[..., :S] @ v_last + w[..., S:] * v  # (B, H, S, Dh)
-        take = torch.arange(S, device=q.device)[None, :] >= decode_from[:, None]  # (B, S)
-        return torch.where(take[:, None, :, None], decoded, y)
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: _Attend | _Context) -> torch.Tensor:
+        """q (B, H, S, Dh), k and v (B, Hkv, T, Dh) → (B, H, S, Dh) under the view's mask (RoPE applied)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=view.mask, is_causal=view.is_causal, scale=self.scale,
+            enable_gqa=self.n_kv != self.n_head,
+        )
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -270,21 +251,22 @@ class _Context:
     mask: torch.Tensor | None  # (B, 1, S, T) bool, True = may attend; None with is_causal or no padding
     is_causal: bool
     cache: KVCache | None
-    rows: torch.Tensor | None = None  # the batch rows computed (None: all); the rest stopped looping
+    rows: torch.Tensor | None = None  # the cache's batch rows computed (None: all); the rest stopped looping
     sliding: _Attend | None = None
-    # the engine (looplm.batching): attend(attention, q, k, v, layer_idx) → y stores K/V and attends for a packed
-    # step of many requests, each at its own loop and position (x is (1, N, D): every row's tokens side by side)
+    # a hook attend(attention, q, k, v, layer_idx) → y (B, H, S, Dh) that stores K/V and attends in the
+    # layer's place (RoPE applied): the engine's packed step of many requests (looplm.batching; x is (1, N, D),
+    # every row's tokens side by side), the training objective's K/V replay (looplm.train.objective)
     attend: Callable[..., torch.Tensor] | None = None
-    # training only (LoopObjective's last_kv steps): collect each layer's K/V; replay core layers' last-loop
-    # K/V to the positions ≥ decode_from, as decode steps under kv="last" see them
-    collect: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    decode_from: torch.Tensor | None = None  # (B,)
+
+    def view(self, sliding: bool) -> _Attend | _Context:
+        """The RoPE tables and mask a layer attends with: a sliding-window layer's own when the model has them."""
+        return self.sliding if sliding and self.sliding is not None else self
 
     def select(self, rows: torch.Tensor) -> _Context:
-        """The context of a subset of rows (indices into the full batch); the training-only fields are dropped."""
+        """The context of a subset of its rows (indices into this context's batch); the hook is dropped."""
         return _Context(self.cos[rows], self.sin[rows], None if self.mask is None else self.mask[rows],
-                        self.is_causal, self.cache, rows, None if self.sliding is None else self.sliding.select(rows))
+                        self.is_causal, self.cache, rows if self.rows is None else self.rows[rows],
+                        None if self.sliding is None else self.sliding.select(rows))
 
 
 @dataclass
@@ -424,47 +406,31 @@ class LoopedLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
         R, policy = self.resolve_budget(num_loops, exit)
         ctx = self.context(input_ids, attention_mask, cache, R)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
 
-        x = e = self.embed(input_ids, ctx)  # (B, S, D); e is re-injected each loop when configured
-        tracker = None if policy is None else LoopTracker(policy, B * S, x.device, start_hidden=x.flatten(0, 1))
-        exit_loop = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        x = self.embed(input_ids, ctx)  # (B, S, D); re-injected each loop when configured
+        # per-loop logits with return_loops (every position's when the exit policy reads them)
+        run = LoopRun(self, x, ctx, R, policy=policy, logits=keep if return_loops else None)
         hidden, lambdas, loop_logits = [], [], []
-        for loop_idx in range(R):
-            x = self.core_loop(x, e, ctx, loop_idx)
-            lam = self.exit_lambda(x)  # (B, S) or None
-            if lam is not None:
-                lambdas.append(lam)
-            logits = None
-            if return_loops or (policy is not None and "logits" in policy.needs):
-                logits = self.readout(x, ctx, keep if policy is None else slice(None))
-                if return_loops:  # otherwise only the current loop's logits are kept (the tracker holds the last)
-                    loop_logits.append(logits)
-            if return_loops or policy is not None:
-                hidden.append(x)
-            if tracker is not None:
-                stats = tracker.step(loop_idx + 1, hidden=x.flatten(0, 1),
-                                     lam=None if lam is None else lam.flatten(),
-                                     logits=None if logits is None else logits.flatten(0, 1))
-                fired = policy.exits(stats, R).view(B, S)
-                exit_loop = torch.where((exit_loop == 0) & fired, loop_idx + 1, exit_loop)
+        for loop in run:  # every position runs every loop (as in prefill); each keeps its own exit
+            if loop.lam is not None:
+                lambdas.append(loop.lam)
+            if return_loops:
+                hidden.append(loop.hidden)
+                loop_logits.append(loop.logits[:, keep])
 
         out = LoopOutput(logits=None)  # type: ignore[arg-type]
         if return_loops:
             out.loop_hidden = torch.stack(hidden)  # (R, B, S, D)
-            out.loop_logits = torch.stack([ll[:, keep] for ll in loop_logits])  # (R, B, S, V)
+            out.loop_logits = torch.stack(loop_logits)  # (R, B, S, V)
         if policy is not None:
-            # each position's own exit loop; the coda runs last on these states, so its cache holds them
-            pick = (exit_loop - 1)[None, :, :, None].expand(1, B, S, x.shape[-1])
-            x = torch.stack(hidden).gather(0, pick)[0]  # (B, S, D)
-            out.exit_loop = exit_loop
+            out.exit_loop = run.exit_loop
         if return_loops and policy is None:
             out.logits = out.loop_logits[-1]
-        else:
-            out.logits = self.readout(x, ctx, keep)
+        else:  # each position's own exit state; the coda runs last on these states, so its cache holds them
+            out.logits = self.readout(run.exit_hidden, ctx, keep)
         if lambdas:
             out.exit_lambda = torch.stack(lambdas, dim=-1)  # (B, S, R)
             out.exit_pdf = exit_distribution(out.exit_lambda)
@@ -487,12 +453,23 @@ class LoopedLM(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
         return x
 
-    def core_loop(self, x: torch.Tensor, e: torch.Tensor, ctx: _Context, loop_idx: int) -> torch.Tensor:
-        """One loop: injection (loops ≥ 2), the core layers, the loop norm."""
+    def core_loop(self, x: torch.Tensor, e: torch.Tensor, ctx: _Context, loop_idx: int, *,
+                  block: tuple[int, int] | None = None,
+                  on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """One loop: injection (loops ≥ 2), the core layers, the loop norm. (B, S, D) → (B, S, D).
+
+        block: the layers [i, j) to run instead of the core (the retrofit search tries blocks of a plain model).
+        on_layer(loop_idx, layer_idx, x_in, x_out): called after each layer (analysis reads inside a loop).
+        Loops are driven by `looplm.loops.LoopRun`; the engine (`looplm.batching`) calls this once per step.
+        """
         cfg = self.config
+        first, end = block or (cfg.num_prelude_layers, cfg.num_prelude_layers + cfg.num_core_layers)
         x = self.inject(x, e, loop_idx)
-        for j, layer in enumerate(self.core):
-            x = layer(x, ctx, cfg.num_prelude_layers + j, loop_idx)
+        for layer_idx in range(first, end):
+            y = self.layers[layer_idx](x, ctx, layer_idx, loop_idx)
+            if on_layer is not None:
+                on_layer(loop_idx, layer_idx, x, y)
+            x = y
         return self.norm(x) if cfg.loop_norm else x
 
     def inject(self, x: torch.Tensor, e: torch.Tensor, loop_idx: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 
 from .evaluation.runner import encode_pair, encode_prompt, paired_difference
 from .evaluation.tasks import Item
+from .loops import LoopRun
 from .model import LoopedLM, _Context
 
 BASE = "base"  # the cache key of the unlooped model (every block with r = 1)
@@ -271,12 +272,9 @@ def score_batch(model: LoopedLM, p: Packed, cands: Sequence[Candidate], *, base:
     for c in cands:
         by_block.setdefault((c.start, c.end), []).append(c.loops)
     for (i, j), loop_counts in sorted(by_block.items()):
-        x = h[j]  # the output of loop 1
-        for loop_idx in range(1, max(loop_counts)):
-            for layer_idx in range(i, j):
-                x = model.layers[layer_idx](x, ctx, layer_idx, loop_idx)
-            if loop_idx + 1 in loop_counts:
-                out[Candidate(i, j, loop_idx + 1).key] = _split(p, choice_logliks(model, p, x, ctx, j))
+        for loop in LoopRun(model, h[j], ctx, max(loop_counts), start=1, block=(i, j)):  # h[j]: loop 1's output
+            if loop.loop in loop_counts:
+                out[Candidate(i, j, loop.loop).key] = _split(p, choice_logliks(model, p, loop.hidden, ctx, j))
                 if on_candidate is not None:
                     on_candidate()
     return out

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .. import losses
-from ..model import LoopedLM
+from ..loops import LoopRun
+from ..model import Attention, LoopedLM, _Context
 
 STAGES = ("per_loop", "stage1", "stage2")
 
@@ -100,19 +101,18 @@ class LoopObjective(nn.Module):
         run = dict(labels=labels, hops=hops, R=R, no_grad_loops=no_grad_loops, frozen_lm=frozen_lm,
                    keep=(student_loop, R) if want_distill else ())
         ctx = m.context(input_ids, None, None, R)
-        if decode_from is not None and not cfg.last_kv_grad:
-            ctx.shared_kv, ctx.decode_from = self._last_loop_kv(input_ids, R), decode_from.to(input_ids.device)
-        elif decode_from is not None:
-            ctx.collect = {}
+        if decode_from is not None:
+            decode_from = decode_from.to(input_ids.device)
+            shared = None if cfg.last_kv_grad else self._last_loop_kv(input_ids, R)
+            ctx.attend = replay = LastLoopKV(ctx, shared, decode_from)
         ces, hop_ces, lambdas, kept = self._loops(input_ids, ctx, **run)
         if decode_from is not None and cfg.last_kv_grad:
             # second pass: the answer positions attend to the first pass's last-loop K/V, gradient included, so
             # the prompt learns K/V that decode steps can read; the step's loss takes each position from the
             # pass that matches how it is served (prompt: per-loop prefill, answers: decode under kv="last")
             ctx2 = m.context(input_ids, None, None, R)
-            ctx2.shared_kv = _core_kv(m, ctx.collect)
-            ctx2.decode_from = decode_from.to(input_ids.device)
-            dec = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= ctx2.decode_from[:, None]
+            ctx2.attend = LastLoopKV(ctx2, _core_kv(m, replay.kv), decode_from)
+            dec = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= decode_from[:, None]
             ces2, hop_ces2, lambdas2, kept2 = self._loops(input_ids, ctx2, **run)
             ces = [torch.where(dec, b, a) for a, b in zip(ces, ces2)]
             hop_ces = [torch.where(dec, b, a) for a, b in zip(hop_ces, hop_ces2)]
@@ -144,26 +144,21 @@ class LoopObjective(nn.Module):
         return StepOutput(loss=loss, ce=ce_mean, stats=stats)
 
     def _loops(self, input_ids, ctx, *, labels, hops, R, no_grad_loops, frozen_lm, keep):
-        """Run embed and R loops; per loop the token CE (B, S), the hop CE, the gate's λ; the logits of loops in keep."""
+        """Run embed and R loops; per loop the token CE (B, S), the hop CE, the gate's λ; the logits of loops in keep.
+        Stage II (frozen_lm) runs the LM without autograd; the gate trains on its detached features."""
         m = self.model
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_lm):
-            x = e = m.embed(input_ids, ctx)  # (B, S, D)
+            x = m.embed(input_ids, ctx)  # (B, S, D)
         ces, hop_ces, lambdas, kept = [], [], [], {}
-        for loop_idx in range(R):
-            grad = torch.is_grad_enabled() and loop_idx >= no_grad_loops and not frozen_lm
-            with torch.set_grad_enabled(grad):
-                x = m.core_loop(x, e, ctx, loop_idx)
-                logits = m.readout(x, ctx)  # (B, S, V)
-                ces.append(losses.per_loop_ce(logits[None], labels)[0])  # (B, S)
-                if hops is not None:
-                    hop_ces.append(losses.per_loop_ce(logits[None], hops[min(loop_idx, len(hops) - 1)])[0])
-            if not grad:
-                x = x.detach()
-            lam = m.exit_lambda(x.detach() if frozen_lm else x)  # the gate trains on frozen features in stage II
-            if lam is not None:
-                lambdas.append(lam)
-            if loop_idx + 1 in keep:
-                kept[loop_idx + 1] = logits
+        run = LoopRun(m, x, ctx, R, logits=slice(None), grad_from=R if frozen_lm else no_grad_loops)
+        for loop in run:  # each loop's CE as soon as its logits exist: only the kept logits stay alive
+            ces.append(losses.per_loop_ce(loop.logits[None], labels)[0])  # (B, S)
+            if hops is not None:
+                hop_ces.append(losses.per_loop_ce(loop.logits[None], hops[min(loop.loop, len(hops)) - 1])[0])
+            if loop.lam is not None:
+                lambdas.append(loop.lam)
+            if loop.loop in keep:
+                kept[loop.loop] = loop.logits
         return ces, hop_ces, lambdas, kept
 
     @torch.no_grad()
@@ -177,17 +172,55 @@ def _core_kv(model: LoopedLM, collected: dict[int, tuple[torch.Tensor, torch.Ten
     return {i: kv for i, kv in collected.items() if model.config.is_core(i)}
 
 
+class LastLoopKV:
+    """The attend hook of a training context (`_Context.attend`): keeps each layer's K/V (a core layer's entry
+    ends at the last loop, autograd kept) and, with `shared` (layer → the last-loop K/V of an earlier pass, RoPE
+    applied), lets positions ≥ decode_from (B,) attend as decode steps under kv="last" do (`decoded_attention`)."""
+
+    def __init__(self, ctx: _Context, shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 decode_from: torch.Tensor | None = None):
+        self.ctx, self.shared, self.decode_from = ctx, shared, decode_from
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 layer_idx: int) -> torch.Tensor:
+        self.kv[layer_idx] = (k, v)
+        y = attn.sdpa(q, k, v, self.ctx.view(attn.sliding))  # (B, H, S, Dh): per-loop attention, as a prefill
+        if self.shared is not None and layer_idx in self.shared:
+            k_last, v_last = self.shared[layer_idx]
+            y = decoded_attention(q, k, v, y, k_last, v_last, self.decode_from, scale=attn.scale,
+                                  window=attn.window if attn.sliding else None)
+        return y
+
+
+def decoded_attention(q, k, v, y, k_last, v_last, decode_from, *, scale: float, window: int | None = None):
+    """Positions t ≥ decode_from[b] attend as a decode step under kv="last" does: to the earlier positions'
+    last-loop K/V (k_last, v_last (B, Hkv, S, Dh), from an earlier pass) and to their own K/V at this loop
+    (k, v). Other positions keep y (B, H, S, Dh), the prefill's per-loop attention. q (B, H, S, Dh). Full
+    sequences, no padding before the decoded part (training batches are right-padded). window: a sliding
+    layer's decode step sees the last `window` positions, itself included."""
+    B, H, S, Dh = q.shape
+    rep = H // k.shape[1]
+    k_last, v_last, k, v = (t.repeat_interleave(rep, dim=1) for t in (k_last, v_last, k, v))
+    past = (q @ k_last.transpose(-1, -2)) * scale  # (B, H, S, S)
+    earlier = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)
+    if window is not None:
+        earlier = earlier & ~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-window)
+    past = past.masked_fill(~earlier, float("-inf"))
+    own = (q * k).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
+    w = torch.softmax(torch.cat([past, own], -1).float(), -1).to(q.dtype)
+    decoded = w[..., :S] @ v_last + w[..., S:] * v  # (B, H, S, Dh)
+    take = torch.arange(S, device=q.device)[None, :] >= decode_from[:, None]  # (B, S)
+    return torch.where(take[:, None, :, None], decoded, y)
+
+
 def _last_loop_pass(model: LoopedLM, input_ids: torch.Tensor, R: int, shared=None, decode_from=None):
     """Embed and R loops, collecting each layer's K/V; with shared, positions ≥ decode_from attend to it as decode
     steps under kv="last" do. Returns the last hidden state, the core layers' last-loop K/V and the context."""
     ctx = model.context(input_ids, None, None, R)
-    ctx.collect = {}
-    if shared is not None:
-        ctx.shared_kv, ctx.decode_from = shared, decode_from
-    x = e = model.embed(input_ids, ctx)
-    for loop_idx in range(R):
-        x = model.core_loop(x, e, ctx, loop_idx)
-    return x, _core_kv(model, ctx.collect), ctx
+    ctx.attend = replay = LastLoopKV(ctx, shared, decode_from)
+    x = LoopRun(model, model.embed(input_ids, ctx), ctx, R).to_end().exit_hidden
+    return x, _core_kv(model, replay.kv), ctx
 
 
 @torch.no_grad()
