@@ -389,3 +389,22 @@ def test_int8_warm_equals_cold(kv):
     fp = PrefixStore(store.tiers, chunk_size=CS)  # the same tier: int8 chunks never serve an fp engine
     assert serve(Engine(model, kv=kv.split(":")[0], max_loops=4, max_batch_size=2, max_tokens=200, kv_store=fp),
                  prompts()[1], num_loops=3, max_new_tokens=2)[2] == 0
+
+
+@pytest.mark.parametrize("kv", ["last", "mean", "first", "last:int8"])
+def test_committed_prefix_warm_equals_cold(kv):
+    """prefix_kv="committed": chunks hold what the strategy keeps (one core slot, not R); every prompt is
+    prefilled chunk by chunk, so a warm request equals a cold one under the same semantics (an empty store)."""
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    store = PrefixStore.from_specs(["host:64MiB"], chunk_size=CS)
+    warm = Engine(model, kv=kv, max_loops=4, max_batch_size=2, max_tokens=200, max_step_tokens=5, kv_store=store,
+                  prefix_kv="committed")
+    for budget in (dict(num_loops=3), dict(exit="q:0.5")):
+        for i, p in enumerate(prompts(seed=len(str(budget)))):
+            cold = Engine(model, kv=kv, max_loops=4, max_batch_size=2, max_tokens=200, max_step_tokens=16,
+                          kv_store=PrefixStore.from_specs(["host:64MiB"], chunk_size=CS), prefix_kv="committed")
+            got = serve(warm, p, max_new_tokens=6, **budget)
+            assert got[:2] == serve(cold, p, max_new_tokens=6, **budget)[:2] and got[2] == (0 if i == 0 else 24)
+    cfg = model.config  # 1 prelude + 1 committed core slot per core layer + 1 coda
+    assert {tuple(c["k"].shape) for c in store.tiers[0]._data.values()} == \
+        {(cfg.num_layers, cfg.num_key_value_heads, CS, cfg.head_dim)}

@@ -429,6 +429,7 @@ def serve(
     chat_template: Annotated[Optional[str], typer.Option(help="A Jinja chat template (a file, or the template itself) for a model whose tokenizer has none, or to replace its own.")] = None,
     kv_store: Annotated[Optional[list[str]], typer.Option("--kv-store", help="A tier of the KV prefix store, repeatable, fastest first: host:4GiB | disk:PATH:20GiB | redis://HOST:PORT (docs/memory.md).")] = None,
     kv_chunk_size: Annotated[int, typer.Option(help="Prompt positions per chunk of the KV prefix store (a prefix is reused in whole chunks).")] = 256,
+    prefix_kv: Annotated[str, typer.Option(help="What a stored chunk holds under last/mean/first: loops (every loop's KV; warm ≡ a single-pass prefill) | committed (the strategy's KV, 1/R of the core's bytes; prompts prefill chunk by chunk).")] = "loops",
     core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
     device: Device = "cpu",
@@ -463,6 +464,8 @@ def serve(
         if model is not None and not Path(model).exists():
             raise ValueError(f"--model {model!r}: no such file or directory")
         block = _block(core)
+        if prefix_kv not in ("loops", "committed"):
+            raise ValueError(f"--prefix-kv {prefix_kv!r}: choose loops or committed")
         if kv_store:
             from looplm.store import PrefixStore
             PrefixStore.from_specs(kv_store, chunk_size=kv_chunk_size)  # refuse a bad spec now, not when loaded
@@ -481,7 +484,8 @@ def serve(
 
     opts = ServerOptions(model_name=served_model_name, kvs=kvs, max_loops=max_loops, max_batch_size=max_batch_size,
                          max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template,
-                         kv_store=list(kv_store or []), kv_chunk_size=kv_chunk_size)
+                         kv_store=list(kv_store or []), kv_chunk_size=kv_chunk_size,
+                         prefix_kv=prefix_kv)
     import signal
 
     # uvicorn handles SIGTERM (stop accepting, let open requests end, lifespan shutdown), then raises it again

@@ -68,6 +68,7 @@ class _Request:
     max_new_tokens: int
     row: int = -1
     cached: int = 0  # prompt positions loaded from the prefix store
+    committed: int = 0  # prompt positions committed chunk by chunk (prefix_kv="committed")
     store_keys: list[str] | None = None  # the prompt's chunk keys when the store serves this request
     prefilled: int = 0  # prompt positions whose chunks ran every loop
     scratch_k: KV | None = None  # (C, R, Hkv, prompt, Dh): per-loop prompt KV (shared strategies)
@@ -138,12 +139,16 @@ class Engine:
     max_tokens: KV positions the engine may hold; a request reserves prompt + max_new_tokens and waits
     until that fits. max_step_tokens: tokens one step may process (prompt chunks + decoding tokens).
     kv_store: a `PrefixStore` (or its tier specs, e.g. ["host:4GiB", "redis://127.0.0.1:6379"]): prompts
-    reuse the KV of earlier prompts' full chunks and store their own (docs/memory.md).
+    reuse the KV of earlier prompts' full chunks and store their own (docs/memory.md). prefix_kv: what a
+    stored chunk holds under the shared strategies — "loops" (every loop's KV: warm ≡ a single-pass prefill)
+    or "committed" (what the strategy keeps, 1/R of the core's bytes: every prompt is then prefilled chunk
+    by chunk, each chunk committed before the next reads it, like earlier turns of a conversation, so warm ≡
+    cold again; per_loop keeps every loop either way).
     """
 
     def __init__(self, model: LoopedLM, *, kv: str = "last", max_loops: int | None = None,
                  max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512,
-                 kv_store: PrefixStore | Sequence[str] | None = None):
+                 kv_store: PrefixStore | Sequence[str] | None = None, prefix_kv: str = "loops"):
         self.model, self.config = model, model.config
         self.kv, self.kv_dtype = parse_kv(kv)  # "last:int8": the strategy, and int8 KV in the pool and the store
         self.max_loops = model.resolve_loops(max_loops)
@@ -169,6 +174,9 @@ class Engine:
         if kv_store is not None and not isinstance(kv_store, PrefixStore):
             kv_store = PrefixStore.from_specs(list(kv_store))
         self.store = kv_store
+        if prefix_kv not in ("loops", "committed"):
+            raise ValueError(f"prefix_kv must be 'loops' or 'committed', got {prefix_kv!r}")
+        self.prefix_kv = prefix_kv if self.kv != "per_loop" else "loops"
         self._fingerprint = weights_fingerprint(model) if kv_store is not None else None
         self.prefix_queries = 0  # chunks looked up in the store
         self.prefix_hits: dict[str, int] = {}  # chunks found, by tier
@@ -302,6 +310,8 @@ class Engine:
         """What a stored chunk's KV depends on besides its tokens (docs/memory.md, "The key")."""
         parts = [self._fingerprint, str(self.model.dtype), f"kv_dtype={self.kv_dtype}", f"loops={num_loops}",
                  f"chunk={self.store.chunk_size}"]
+        if self.prefix_kv == "committed":  # what the strategy keeps
+            parts.append(f"committed={self.kv}")
         if self.model.coda:  # coda KV is read at each position's exit
             parts.append(f"exit={req.policy.spec() if req.policy is not None else 'static'}")
         return "|".join(parts)
@@ -318,7 +328,8 @@ class Engine:
             return
         # KV stored with more loops holds this request's loops too (loop r never sees later loops), unless
         # a coda reads it at the exit
-        stored_loops = [req.num_loops] + ([] if self.model.coda else list(range(req.num_loops + 1, self.max_loops + 1)))
+        more = not self.model.coda and self.prefix_kv == "loops"
+        stored_loops = [req.num_loops] + (list(range(req.num_loops + 1, self.max_loops + 1)) if more else [])
         for R in stored_loops:
             keys = req.store_keys if R == req.num_loops else chunk_keys(self._root(req, R), req.prompt[: usable * cs], cs)
             n = 0
@@ -331,13 +342,17 @@ class Engine:
                 n += 1
             if n:
                 req.cached = req.prefilled = n * cs
+                if self.prefix_kv == "committed":  # loaded as committed; under "loops" the final commit covers it
+                    req.committed = req.cached
                 self.pool.lengths[req.row] = req.cached
                 return
 
     def _layout(self, num_loops: int) -> list[tuple[int, int]]:
-        """(layer_idx, loop_idx) of each slot of a stored chunk: every loop of the core, one slot elsewhere."""
-        return [(i, r) for i in range(self.config.num_layers)
-                for r in range(num_loops if self.config.is_core(i) else 1)]
+        """(layer_idx, loop_idx) of each slot of a stored chunk: every loop of the core ("loops"), or its one
+        committed slot (loop -1, "committed"), and one slot for every other layer."""
+        committed = self.prefix_kv == "committed"
+        return [(i, -1 if committed and self.config.is_core(i) else r) for i in range(self.config.num_layers)
+                for r in range(num_loops if self.config.is_core(i) and not committed else 1)]
 
     def _slot_views(self, req: _Request, a: int, b: int, num_loops: int):
         """Views of positions a..b of the request's KV, one (Hkv, b-a, Dh) pair per stored slot."""
@@ -345,6 +360,9 @@ class Engine:
         for layer_idx, r in self._layout(num_loops):
             if r >= req.num_loops:
                 yield None, None
+            elif r == -1:  # a committed core slot: the pool's
+                s = pool.slot(layer_idx)
+                yield pool.k[s, req.row, :, a:b], pool.v[s, req.row, :, a:b]
             elif cfg.is_core(layer_idx) and self.kv != "per_loop":
                 j = layer_idx - cfg.num_prelude_layers
                 yield req.scratch_k[j, r, :, a:b], req.scratch_v[j, r, :, a:b]
@@ -368,18 +386,44 @@ class Engine:
             if dk is not None:
                 dk[...] = k[i]
                 dv[...] = v[i]
+        if self.prefix_kv == "committed":
+            self._broadcast(req, a, a + cs)
         return True
+
+    def _broadcast(self, req: _Request, a: int, b: int) -> None:
+        """prefix_kv="committed": the committed core KV of positions a..b is what every loop of the rest of
+        the prompt reads (as the tokens of an earlier turn)."""
+        cfg, pool = self.config, self.pool
+        for j in range(cfg.num_core_layers):
+            s = pool.slot(cfg.num_prelude_layers + j)
+            for r in range(req.num_loops):
+                req.scratch_k[j, r, :, a:b] = pool.k[s, req.row, :, a:b]
+                req.scratch_v[j, r, :, a:b] = pool.v[s, req.row, :, a:b]
+
+    def _commit_chunk(self, req: _Request) -> None:
+        """prefix_kv="committed": the chunk that just finished every loop commits, is broadcast to every
+        loop, and is stored."""
+        cs = self.store.chunk_size
+        a, b = req.committed, req.committed + cs
+        self.pool.commit_prompt(req.row, a, req.scratch_k[:, :, :, a:b], req.scratch_v[:, :, :, a:b], req.num_loops)
+        self._broadcast(req, a, b)
+        req.committed = b
+        if b // cs - 1 < len(req.store_keys):
+            self._put(req, b // cs - 1)
 
     def _save(self, req: _Request) -> None:
         """Store the prompt's full chunks that were computed here (before the prefill commits)."""
+        for i in range(req.cached // self.store.chunk_size, len(req.store_keys)):
+            self._put(req, i)
+
+    def _put(self, req: _Request, i: int) -> None:
+        """Store chunk i of the request's prompt."""
         cs = self.store.chunk_size
-        for i in range(req.cached // cs, len(req.store_keys)):
-            views = list(self._slot_views(req, i * cs, (i + 1) * cs, req.num_loops))
-            chunk = {"k": torch.stack([k.data for k, _ in views]), "v": torch.stack([v.data for _, v in views])}
-            if self.pool.int8:
-                chunk.update(k_scale=torch.stack([k.scale for k, _ in views]),
-                             v_scale=torch.stack([v.scale for _, v in views]))
-            self.store.put(req.store_keys[i], chunk)
+        views = list(self._slot_views(req, i * cs, (i + 1) * cs, req.num_loops))
+        chunk = {"k": torch.stack([k.data for k, _ in views]), "v": torch.stack([v.data for _, v in views])}
+        if self.pool.int8:
+            chunk.update(k_scale=torch.stack([k.scale for k, _ in views]), v_scale=torch.stack([v.scale for _, v in views]))
+        self.store.put(req.store_keys[i], chunk)
 
     def _schedule(self) -> list[_Item]:
         budget = self.max_step_tokens
@@ -393,6 +437,8 @@ class Engine:
                 left = len(req.prompt) - req.prefilled
                 whole = self.model.coda and req.policy is not None and "logits" in req.policy.needs
                 size = left if whole else min(left, budget)
+                if self.prefix_kv == "committed" and req.store_keys is not None:  # chunks end on store chunks
+                    size = min(size, self.store.chunk_size - req.prefilled % self.store.chunk_size)
                 req.item = _Item(req, req.prefilled, req.prompt[req.prefilled : req.prefilled + size], True)
                 budget -= size
         return [r.item for r in self.running if r.item is not None]
@@ -583,11 +629,15 @@ class Engine:
             req.prefilled = it.start + it.size
             self.pool.lengths[req.row] = req.prefilled
             req.item = None
+            if self.prefix_kv == "committed" and req.store_keys is not None and req.prefilled % self.store.chunk_size == 0:
+                self._commit_chunk(req)
             if it.final:
-                if req.store_keys:
+                if req.store_keys and self.prefix_kv == "loops":
                     self._save(req)
                 if req.scratch_k is not None:
-                    self.pool.commit_prompt(req.row, 0, req.scratch_k, req.scratch_v, req.num_loops)
+                    a = req.committed
+                    self.pool.commit_prompt(req.row, a, req.scratch_k[:, :, :, a:], req.scratch_v[:, :, :, a:],
+                                            req.num_loops)
                     req.scratch_k = req.scratch_v = None
                 loops = int(it.exit_loop[-1]) if it.exit_loop is not None else req.num_loops
                 emit.append((req, logits_of[id(it)], loops))

@@ -46,6 +46,7 @@ class ServerOptions:
     chat_template: str | None = None  # a Jinja template for models whose tokenizer has none
     kv_store: list[str] = field(default_factory=list)  # prefix store tiers in order, e.g. ["host:4GiB", "redis://..."]
     kv_chunk_size: int = 256  # prompt positions per stored chunk
+    prefix_kv: str = "loops"  # what a stored chunk holds: every loop's KV, or the committed KV (docs/memory.md)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
         from looplm.store import PrefixStore
         store = PrefixStore.from_specs(opts.kv_store, chunk_size=opts.kv_chunk_size)
     engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv,
-                          kv_store=store)
+                          kv_store=store, prefix_kv=opts.prefix_kv)
                for kv in opts.kvs}
     metrics = Metrics(opts.model_name, opts.kvs, max_loops, [t.name for t in store.tiers] if store else [])
     driver = Driver(engines, max_queue=opts.max_queue, metrics=metrics)
