@@ -34,7 +34,7 @@ def test_parse_bytes_and_tiers():
     assert isinstance(parse_tier("host:1MiB"), HostTier)
     with pytest.raises(ValueError, match="disk:PATH:SIZE"):
         parse_tier("disk:20GiB")
-    with pytest.raises(ValueError, match="expected host:SIZE"):
+    with pytest.raises(ValueError, match="expected device:SIZE, host:SIZE"):
         parse_tier("ram:4GiB")
     with pytest.raises(ValueError, match="at most once"):
         PrefixStore.from_specs(["host:1MiB", "host:2MiB"])
@@ -408,3 +408,17 @@ def test_committed_prefix_warm_equals_cold(kv):
     cfg = model.config  # 1 prelude + 1 committed core slot per core layer + 1 coda
     assert {tuple(c["k"].shape) for c in store.tiers[0]._data.values()} == \
         {(cfg.num_layers, cfg.num_key_value_heads, CS, cfg.head_dim)}
+
+
+def test_device_tier_is_the_engines_memory(tmp_path):
+    """device:SIZE keeps chunks on the engine's device (here the CPU) in front of the others."""
+    model = tiny_model(**ENGINE_SHAPES["ouro-like"])
+    e = Engine(model, kv="last", max_loops=4, max_batch_size=2, max_tokens=200,
+               kv_store=PrefixStore.from_specs(["device:1MiB", f"disk:{tmp_path}:64MiB"], chunk_size=CS))
+    assert [t.name for t in e.store.tiers] == ["device", "disk"] and e.store.tiers[0].device == model.device
+    p = prompts(n=1)[0]
+    cold = serve(e, p, num_loops=3, max_new_tokens=4)
+    e.store.flush()
+    assert serve(e, p, num_loops=3, max_new_tokens=4) == (cold[0], cold[1], 24) and e.prefix_hits == {"device": 3}
+    e.store.tiers[0].clear()
+    assert serve(e, p, num_loops=3, max_new_tokens=4)[2] == 24 and e.prefix_hits == {"device": 3, "disk": 3}

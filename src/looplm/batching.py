@@ -172,7 +172,7 @@ class Engine:
         self._plan: _Plan | None = None
         self.default_stop = stop_tokens_for(self.config)
         if kv_store is not None and not isinstance(kv_store, PrefixStore):
-            kv_store = PrefixStore.from_specs(list(kv_store))
+            kv_store = PrefixStore.from_specs(list(kv_store), device=model.device)
         self.store = kv_store
         if prefix_kv not in ("loops", "committed"):
             raise ValueError(f"prefix_kv must be 'loops' or 'committed', got {prefix_kv!r}")

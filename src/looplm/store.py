@@ -117,12 +117,13 @@ def chunk_nbytes(chunk: Chunk) -> int:
 
 
 class HostTier:
-    """Host RAM: chunks as tensors in an LRU dict under a byte budget."""
+    """Host RAM: chunks as tensors in an LRU dict under a byte budget. With a `device` it is the engine's
+    own memory (the "device" tier: chunks kept on the accelerator, loaded without a copy to the host)."""
 
-    name = "host"
-
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, device: torch.device | str | None = None):
         self.budget, self.used = budget, 0
+        self.device = None if device is None else torch.device(device)
+        self.name = "host" if device is None else "device"
         self._data: OrderedDict[str, Chunk] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -137,6 +138,8 @@ class HostTier:
         n = chunk_nbytes(chunk)
         if n > self.budget:
             return
+        if self.device is not None:
+            chunk = {k: v.to(self.device) for k, v in chunk.items()}
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
@@ -320,8 +323,9 @@ class RedisTier:
         return len(keys)
 
 
-def parse_tier(spec: str):
-    """'host:4GiB' | 'disk:PATH:20GiB' | 'redis://HOST:PORT[/DB]' (optionally followed by ',SIZE')."""
+def parse_tier(spec: str, *, device: torch.device | str = "cpu"):
+    """'device:1GiB' | 'host:4GiB' | 'disk:PATH:20GiB' | 'redis://HOST:PORT[/DB]' (optionally ',SIZE');
+    `device` is where a device tier keeps its chunks (the engine's)."""
     s = spec.strip()
     if s.startswith(("redis://", "rediss://", "unix://")):
         url, _, size = s.partition(",")
@@ -329,12 +333,14 @@ def parse_tier(spec: str):
     kind, _, rest = s.partition(":")
     if kind == "host":
         return HostTier(parse_bytes(rest or "4GiB"))
+    if kind == "device":
+        return HostTier(parse_bytes(rest or "1GiB"), device=device)
     if kind == "disk":
         path, sep, size = rest.rpartition(":")
         if not sep or not path:
             raise ValueError(f"--kv-store {spec!r}: a disk tier is disk:PATH:SIZE, e.g. disk:/tmp/looplm-kv:20GiB")
         return DiskTier(path, parse_bytes(size))
-    raise ValueError(f"--kv-store {spec!r}: expected host:SIZE, disk:PATH:SIZE or redis://HOST:PORT")
+    raise ValueError(f"--kv-store {spec!r}: expected device:SIZE, host:SIZE, disk:PATH:SIZE or redis://HOST:PORT")
 
 
 # ---------------------------------------------------------------------- the store
@@ -358,8 +364,9 @@ class PrefixStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_specs(cls, specs: Sequence[str], *, chunk_size: int = CHUNK_SIZE) -> PrefixStore:
-        tiers = [parse_tier(s) for s in specs]
+    def from_specs(cls, specs: Sequence[str], *, chunk_size: int = CHUNK_SIZE,
+                   device: torch.device | str = "cpu") -> PrefixStore:
+        tiers = [parse_tier(s, device=device) for s in specs]
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"--kv-store: each kind of tier at most once, got {names}")
@@ -383,12 +390,18 @@ class PrefixStore:
         return None
 
     def put(self, key: str, chunk: Chunk) -> None:
-        chunk = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in chunk.items()}
+        """Store a chunk (copied: the caller's buffers may change right after)."""
+        host = None
         for tier in self.tiers:
+            if isinstance(tier, HostTier) and tier.device is not None:
+                tier.put(key, {k: v.detach().clone() for k, v in chunk.items()})
+                continue
+            if host is None:
+                host = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in chunk.items()}
             if isinstance(tier, HostTier):
-                tier.put(key, chunk)
+                tier.put(key, host)
             else:
-                self._queue(tier, key, chunk)
+                self._queue(tier, key, host)
 
     def _queue(self, tier, key: str, chunk: Chunk) -> None:
         with self._lock:

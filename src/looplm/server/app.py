@@ -77,7 +77,7 @@ def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
     store = None
     if opts.kv_store:  # one store for every pool: what it holds (every loop's KV) serves each strategy
         from looplm.store import PrefixStore
-        store = PrefixStore.from_specs(opts.kv_store, chunk_size=opts.kv_chunk_size)
+        store = PrefixStore.from_specs(opts.kv_store, chunk_size=opts.kv_chunk_size, device=model.device)
     engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv,
                           kv_store=store, prefix_kv=opts.prefix_kv)
                for kv in opts.kvs}
