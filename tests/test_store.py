@@ -171,8 +171,8 @@ STORE_CASES = [("gate+coda+loopnorm", kv) for kv in ("per_loop", "last", "mean",
     [("ouro-like", "last"), ("inject-concat+gate", "mean"), ("gemma-like", "per_loop"), ("gemma-like", "last")]
 
 
-@pytest.mark.parametrize("shape, kv", STORE_CASES)
-@pytest.mark.parametrize("tier", ["host", "disk"])
+@pytest.mark.parametrize("shape, kv, tier", [(s, k, "host") for s, k in STORE_CASES] +
+                         [("gate+coda+loopnorm", "mean", "disk"), ("gemma-like", "per_loop", "disk")])
 def test_warm_equals_cold(shape, kv, tier, tmp_path):
     """The first prompt stores its chunks; the next ones share 3 of them: each is token for token (and loop
     for loop) `generate` alone, with 24 positions loaded instead of computed."""
@@ -422,3 +422,24 @@ def test_device_tier_is_the_engines_memory(tmp_path):
     assert serve(e, p, num_loops=3, max_new_tokens=4) == (cold[0], cold[1], 24) and e.prefix_hits == {"device": 3}
     e.store.tiers[0].clear()
     assert serve(e, p, num_loops=3, max_new_tokens=4)[2] == 24 and e.prefix_hits == {"device": 3, "disk": 3}
+
+
+def test_redis_budget_is_its_maxmemory_under_a_stream_of_prefixes(tmp_path):
+    """A Redis run as docs/memory.md says (maxmemory + allkeys-lru) never holds more than its limit."""
+    import redis
+
+    from conftest import RedisServer
+    from looplm.store import RedisTier
+
+    server = RedisServer(tmp_path, maxmemory="3mb")
+    try:
+        tier = RedisTier(server.url)
+        big = {"k": torch.randn(64, 1024)}  # 256 KiB a value
+        for i in range(40):
+            tier.put(f"{i:040x}", big)
+        info = redis.Redis(port=server.port).info("memory")
+        assert info["used_memory"] <= info["maxmemory"] == 3 * 2**20
+        kept = [tier.get(f"{i:040x}") is not None for i in range(40)]
+        assert kept[-1] and not kept[0] and 0 < sum(kept) < 40  # the least recently used went
+    finally:
+        server.stop()
