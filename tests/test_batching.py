@@ -230,3 +230,25 @@ def test_kv_bytes_are_accounted_per_request():
                 assert out.kv_bytes == (len(prompt) + n - 1) * per_token
         slots = cfg.num_layers - cfg.num_core_layers + cfg.num_core_layers * (4 if kv == "per_loop" else 1)
         assert per_token == 2 * slots * cfg.num_key_value_heads * cfg.head_dim * 4
+
+
+def test_top_logprobs_are_the_likeliest_under_the_model():
+    """top_logprobs=k: per new token the k likeliest (id, log p), likeliest first; the greedy token is the first.
+    Under per_loop the engine's logits are a full forward's over prompt + generated tokens."""
+    model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
+    engine = Engine(model, kv="per_loop", max_loops=4, max_batch_size=2, max_tokens=100)
+    prompt = list(range(3, 15))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        engine.add_request(prompt, top_logprobs=-1)
+    engine.add_request(prompt, max_new_tokens=4, num_loops=3, stop_tokens=[], top_logprobs=5)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    tokens = [o.new_tokens[0] for o in outs]
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + tokens]), num_loops=3).logits[0].log_softmax(-1)
+    for i, o in enumerate(outs):
+        (top,) = o.top_logprobs
+        vals, ids = logp[len(prompt) - 1 + i].topk(5)
+        assert [t for t, _ in top] == ids.tolist() and top[0][0] == o.new_tokens[0]
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), vals, atol=1e-5, rtol=1e-5)

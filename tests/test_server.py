@@ -243,6 +243,24 @@ def test_logprobs_and_seeded_sampling(server, offline):
     chat = client.chat.completions.create(model="chain-r4", messages=[{"role": "user", "content": PROBLEMS[2]}],
                                           max_tokens=3, temperature=0, logprobs=True)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    # top alternatives: the k likeliest under the model, ≡ a full forward over prompt + generated tokens (which
+    # is what a per_loop cache computes)
+    import torch
+
+    res = client.completions.create(model="chain-r4", prompt=PROBLEMS[2], max_tokens=4, temperature=0, logprobs=3,
+                                    extra_body=dict(ignore_eos=True, num_loops=4, return_token_ids=True, kv="per_loop"))
+    ids = tok(PROBLEMS[2])["input_ids"]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids + res.choices[0].token_ids]), num_loops=4).logits[0].log_softmax(-1)
+    for i, top in enumerate(res.choices[0].logprobs.top_logprobs):
+        vals, want = logp[len(ids) - 1 + i].topk(3)
+        assert list(top) == [tok.decode([t]) for t in want.tolist()]
+        assert list(top.values()) == pytest.approx(vals.tolist(), abs=1e-4)
+    chat = client.chat.completions.create(model="chain-r4", messages=[{"role": "user", "content": PROBLEMS[2]}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    for item in chat.choices[0].logprobs.content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
     kw = dict(model="chain-r4", prompt=PROBLEMS[2], max_tokens=8, temperature=1.0, seed=7,
               extra_body=dict(ignore_eos=True, top_k=50, return_token_ids=True))
     a, b = client.completions.create(**kw), client.completions.create(**kw)
@@ -322,7 +340,9 @@ BAD = [  # (path, body, status, param, what the message names)
     ("/v1/completions", dict(), 400, "prompt", "prompt"),
     ("/v1/chat/completions", dict(messages=[]), 400, "messages", "messages"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a=1;a"}], top_logprobs=3), 400,
-     "top_logprobs", "3"),
+     "top_logprobs", "needs logprobs=true"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a=1;a"}], logprobs=True, top_logprobs=21),
+     400, "top_logprobs", "21"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "a=1;a"}], max_completion_tokens=200), 400,
      "max_completion_tokens", "200"),
 ]

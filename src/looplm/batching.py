@@ -53,6 +53,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     kv_bytes: int = 0  # KV the request holds after this step (its pool row; + its prompt scratch while prefilling)
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix store (not computed)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per new token: the k likeliest
 
 
 @dataclass(eq=False)
@@ -66,6 +67,7 @@ class _Request:
     generator: torch.Generator | None
     stop: frozenset[int]
     max_new_tokens: int
+    top_logprobs: int = 0
     row: int = -1
     cached: int = 0  # prompt positions loaded from the prefix store
     committed: int = 0  # prompt positions committed chunk by chunk (prefix_kv="committed")
@@ -187,7 +189,7 @@ class Engine:
                     num_loops: int | None = None, exit: str | ExitPolicy | None = None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, top_logprobs: int = 0) -> str:
         """Queue a request; returns its id. Every check happens here, so a bad request never enters a step."""
         cfg = self.config
         if isinstance(prompt_ids, torch.Tensor):
@@ -211,6 +213,8 @@ class Engine:
             raise ValueError(f"{what} runs {R} loops; this engine allows max_loops={self.max_loops} "
                              f"(pass num_loops ≤ {self.max_loops})")
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= cfg.vocab_size:
+            raise ValueError(f"top_logprobs must be an integer in [0, {cfg.vocab_size}], got {top_logprobs!r}")
         limit = cfg.max_position_embeddings
         if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the position "
@@ -226,7 +230,8 @@ class Engine:
         if temperature > 0 and seed is not None:
             gen = torch.Generator(device=self.model.device).manual_seed(int(seed))
         req = _Request(rid, next(self._order), prompt, R, policy,
-                       dict(temperature=temperature, top_k=top_k, top_p=top_p), gen, frozenset(stop), max_new_tokens)
+                       dict(temperature=temperature, top_k=top_k, top_p=top_p), gen, frozenset(stop), max_new_tokens,
+                       top_logprobs)
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
@@ -664,11 +669,15 @@ class Engine:
                 tokens[i] = int(sample(lg[None], generators=gens, **req.sampling)[0])
         picked = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
         outputs = []
-        for (req, _, loops), tok, lp in zip(emit, tokens, picked):
+        for i, ((req, _, loops), tok, lp) in enumerate(zip(emit, tokens, picked)):
             req.tokens.append(tok)
             req.loops.append(loops)
             req.next_token = tok
             reason = "stop" if tok in req.stop else "length" if len(req.tokens) >= req.max_new_tokens else None
+            top = []
+            if req.top_logprobs:  # the k likeliest tokens under the model (before temperature), likeliest first
+                vals, ids = logp[i].topk(req.top_logprobs)
+                top = [list(zip(ids.tolist(), vals.tolist()))]
             outputs.append(RequestOutput(req.id, [tok], [loops], [lp], reason is not None, reason, len(req.prompt),
-                                         self.request_kv_bytes(req.id), req.cached))
+                                         self.request_kv_bytes(req.id), req.cached, top))
         return outputs

@@ -191,17 +191,20 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         prompts = _completion_prompts(st, body.prompt)
         max_new = [check_max_tokens(body.max_tokens, "max_tokens", prompt_len=len(p), context=st.context,
                                     default=COMPLETION_DEFAULT_MAX_TOKENS) for p in prompts]
-        return await respond(_job(st, body, budget, prompts, max_new, chat=False,
-                                  logprobs=body.logprobs is not None), request)
+        return await respond(_job(st, body, budget, prompts, max_new, chat=False, logprobs=body.logprobs is not None,
+                                  top_logprobs=body.logprobs or 0), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         st = ready()
         check_model(st, body.model)
         budget = check_budget(body, kvs=st.kvs, max_loops=st.max_loops, default_kv=st.kvs[0])
-        if body.top_logprobs:
-            raise APIError(f"top_logprobs={body.top_logprobs!r}: only the sampled token's logprob is returned "
-                           "(use logprobs=true, top_logprobs 0 or unset)", param="top_logprobs", code="invalid_value")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+            raise APIError(f"top_logprobs={body.top_logprobs!r}: must be in [0, 20]", param="top_logprobs",
+                           code="invalid_value")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(f"top_logprobs={body.top_logprobs!r} needs logprobs=true", param="top_logprobs",
+                           code="invalid_value")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError("max_tokens and max_completion_tokens both given; send one", param="max_tokens")
         param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
@@ -209,7 +212,8 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         value = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         max_new = check_max_tokens(value, param, prompt_len=len(prompt),
                                    context=st.context, default=CHAT_DEFAULT_MAX_TOKENS)
-        return await respond(_job(st, body, budget, [prompt], [max_new], chat=True, logprobs=body.logprobs), request)
+        return await respond(_job(st, body, budget, [prompt], [max_new], chat=True, logprobs=body.logprobs,
+                                  top_logprobs=body.top_logprobs or 0), request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -231,11 +235,11 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
     return app
 
 
-def _job(st: ServerState, body, budget, prompts, max_new, *, chat: bool, logprobs: bool) -> Job:
+def _job(st: ServerState, body, budget, prompts, max_new, *, chat: bool, logprobs: bool, top_logprobs: int) -> Job:
     return Job(st, chat, budget, prompts, max_new, stream=body.stream,
                include_usage=bool(body.stream_options and body.stream_options.include_usage),
                return_loops=body.return_loops, return_token_ids=body.return_token_ids, logprobs=logprobs,
-               ignore_eos=body.ignore_eos)
+               ignore_eos=body.ignore_eos, top_logprobs=top_logprobs)
 
 
 def _encode(st: ServerState, text: str) -> list[int]:

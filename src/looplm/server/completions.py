@@ -27,6 +27,7 @@ class _Choice:
     tokens: list[int] = field(default_factory=list)
     loops: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when top logprobs are asked
     finish_reason: str | None = None
     cached: int = 0  # prompt tokens whose KV came from the prefix store
     sent: int = 0  # tokens already covered by a streamed chunk
@@ -48,6 +49,7 @@ class Job:
     return_token_ids: bool
     logprobs: bool
     ignore_eos: bool
+    top_logprobs: int = 0  # alternatives per token (completions: logprobs=N; chat: top_logprobs=N)
     id: str = ""
     created: int = 0
     choices: dict[str, _Choice] = field(default_factory=dict)
@@ -65,7 +67,8 @@ async def respond(job: Job, request: Request):
         for p, (prompt, max_new) in enumerate(zip(job.prompts, job.max_new)):
             for j in range(job.budget.n):
                 index = p * job.budget.n + j
-                args = dict(job.budget.engine_args, max_new_tokens=max_new, stop_tokens=stop_ids)
+                args = dict(job.budget.engine_args, max_new_tokens=max_new, stop_tokens=stop_ids,
+                            top_logprobs=job.top_logprobs)
                 if args["seed"] is not None:  # choice j of a seeded request draws with seed + j
                     args["seed"] += j
                 rid = f"{job.id}-{index}"
@@ -129,6 +132,7 @@ async def _events(job: Job, out: asyncio.Queue, t0: float) -> AsyncIterator[tupl
             c.loops += item.loops
             c.cached = item.cached_tokens
             c.logprobs += item.logprobs
+            c.top += item.top_logprobs
         delta = c.text.add(item.new_tokens)
         if c.text.stopped:  # a stop string: the choice ends here, whatever the engine would do next
             c.finish_reason = "stop"
@@ -161,13 +165,22 @@ def _usage(job: Job) -> dict:
 def _logprobs(job: Job, c: _Choice, start: int) -> dict | None:
     if not job.logprobs:
         return None
-    strs = [job.state.decode([t]) for t in c.tokens]  # one token's text each (top alternatives: not kept)
+    decode = job.state.decode
+    strs = [decode([t]) for t in c.tokens]  # one token's text each
     lps = c.logprobs[start:]
+    tops = [[(decode([t]), lp) for t, lp in top] for top in c.top[start:]] if job.top_logprobs else None
     if job.chat:
-        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                            for s, lp in zip(strs[start:], lps)]}
+        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+                            for s, lp, top in zip(strs[start:], lps, tops or [[]] * len(lps))]}
     offsets = [sum(len(s) for s in strs[:i]) for i in range(start, len(strs))]
-    return {"tokens": strs[start:], "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+    top_dicts = None  # legacy completions: a dict per token, likeliest first (two alternatives that decode to
+    if tops is not None:  # the same text keep the likelier)
+        top_dicts = [{} for _ in tops]
+        for d, top in zip(top_dicts, tops):
+            for t, v in top:
+                d.setdefault(t, v)
+    return {"tokens": strs[start:], "token_logprobs": lps, "top_logprobs": top_dicts, "text_offset": offsets}
 
 
 def _extras(job: Job, c: _Choice, start: int) -> dict:
