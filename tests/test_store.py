@@ -209,8 +209,17 @@ def test_key_separation(tmp_path):
     assert cached(coda, exit="q:0.5") == 0 and cached(coda, exit="q:0.6") == 0 and cached(coda, exit="q:0.5") == 24
     other = tiny_model(seed=1, **ENGINE_SHAPES["gate+coda+loopnorm"])
     assert cached(other, num_loops=3) == 0
-    assert cached(coda.to(torch.bfloat16), num_loops=3) == 0
-    assert cached(coda.float(), store=PrefixStore(store.tiers, chunk_size=4), num_loops=3) == 0
+    # the root names the dtype, the KV dtype, the chunk size, the semantics and the device, whatever the weights
+    e = Engine(coda, kv="last", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    req = _probe(e, p)
+    root = e._root(req, 3)
+    for other_engine in (Engine(coda, kv="last:int8", max_loops=4, kv_store=store),
+                         Engine(coda, kv="last", max_loops=4, kv_store=PrefixStore(store.tiers, chunk_size=4)),
+                         Engine(coda, kv="last", max_loops=4, kv_store=store, prefix_kv="committed")):
+        assert other_engine._root(req, 3) != root
+    e.model = coda.to(torch.bfloat16)
+    assert e._root(req, 3) != root and cached(coda, num_loops=3) == 0
+    coda.float()
     plain = tiny_model(**ENGINE_SHAPES["ouro-like"])
     assert cached(plain, num_loops=4) == 0 and cached(plain, num_loops=2) == 24  # 4 loops stored serve 2
     ref = alone(plain, p, "last", dict(num_loops=2, max_new_tokens=6))[:2]
@@ -228,6 +237,14 @@ def test_logits_policy_with_a_coda_bypasses_the_store():
     assert store.stats()["queries"] == 0
 
 
+def _probe(engine, prompt):
+    """A request object for computing keys (added, then aborted)."""
+    rid = engine.add_request(prompt, num_loops=3, max_new_tokens=4)
+    req = engine.requests[rid]
+    engine.abort(rid)
+    return req
+
+
 def test_corrupt_disk_entry_recomputes_the_same_tokens(tmp_path):
     model = tiny_model(**ENGINE_SHAPES["gate+coda+loopnorm"])
     store = PrefixStore.from_specs([f"disk:{tmp_path}:64MiB"], chunk_size=CS)
@@ -235,11 +252,11 @@ def test_corrupt_disk_entry_recomputes_the_same_tokens(tmp_path):
     p = prompts(n=1)[0]
     cold = serve(e, p, num_loops=3, max_new_tokens=6)
     store.flush()
-    files = sorted(tmp_path.glob("*/*.kv"), key=lambda f: f.stat().st_mtime_ns)
-    assert len(files) == 3
-    raw = bytearray(files[1].read_bytes())  # the second chunk of the prefix
+    assert len(list(tmp_path.glob("*/*.kv"))) == 3
+    second = store.tiers[0]._file(chunk_keys(e._root(_probe(e, p), 3), p, CS)[1])
+    raw = bytearray(second.read_bytes())  # the second chunk of the prefix
     raw[-5] ^= 0x10
-    files[1].write_bytes(bytes(raw))
+    second.write_bytes(bytes(raw))
     warm = serve(e, p, num_loops=3, max_new_tokens=6)
     assert warm[:2] == cold[:2] and warm[2] == 8  # the first chunk served, the corrupt one recomputed
 
@@ -443,3 +460,45 @@ def test_redis_budget_is_its_maxmemory_under_a_stream_of_prefixes(tmp_path):
         assert kept[-1] and not kept[0] and 0 < sum(kept) < 40  # the least recently used went
     finally:
         server.stop()
+
+
+def test_a_failing_tier_is_a_miss_and_leaks_nothing():
+    class Broken(HostTier):
+        def get(self, key):
+            raise PermissionError(13, "Permission denied")
+
+    model = tiny_model(**ENGINE_SHAPES["ouro-like"])
+    store = PrefixStore([Broken(2**20)], chunk_size=CS)
+    e = Engine(model, kv="last", max_loops=4, max_batch_size=2, max_tokens=200, kv_store=store)
+    p = prompts(n=1)[0]
+    ref = alone(model, p, "last", dict(num_loops=3, max_new_tokens=4))[:2]
+    assert serve(e, p, num_loops=3, max_new_tokens=4)[:2] == ref
+    assert e.pool.free_rows == 2 and e.reserved == 0 and not e.requests
+
+
+def test_redis_response_errors_are_misses_not_an_outage(redis_server, caplog):
+    import redis
+
+    from looplm.store import RedisTier
+
+    tier = RedisTier(redis_server.url)
+    raw = redis.Redis(port=redis_server.port)
+    raw.rpush(tier.prefix + "g" * 40, b"not a string")  # WRONGTYPE on GET
+    with caplog.at_level("WARNING", logger="looplm.store"):
+        assert tier.get("g" * 40) is None
+    assert tier.up and "unreachable" not in caplog.text
+    raw.delete(tier.prefix + "g" * 40)
+
+
+def test_disk_budget_holds_across_processes_and_the_admin_view_never_evicts(tmp_path):
+    one = len(encode(chunk()))
+    a, b = DiskTier(tmp_path, 3 * one + 10), DiskTier(tmp_path, 3 * one + 10)  # two processes' views
+    for i in range(6):
+        (a if i % 2 else b).put(f"{i:040x}", chunk(i))
+        assert sum(f.stat().st_size for f in tmp_path.glob("*/*.kv")) <= 3 * one + 10
+    stale = tmp_path / "ab" / "x.kv.1.2.tmp"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"torn")
+    os.utime(stale, (0, 0))  # a writer that died long ago
+    admin = PrefixStore.from_specs([f"disk:{tmp_path}:1"], admin=True).tiers[0]  # the size is ignored
+    assert admin.budget is None and admin.stats()["entries"] == 3 and not stale.exists()

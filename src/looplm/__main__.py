@@ -496,14 +496,14 @@ def serve(
 
 kv_store_app = typer.Typer(help="The KV prefix store's disk and Redis tiers (docs/memory.md): what they hold, or empty them.")
 app.add_typer(kv_store_app, name="kv-store")
-KVStoreSpecs = Annotated[list[str], typer.Option("--kv-store", help="A tier, repeatable: disk:PATH:SIZE | redis://HOST:PORT (a host tier lives inside one server process).")]
+KVStoreSpecs = Annotated[list[str], typer.Option("--kv-store", help="A tier, repeatable: disk:PATH | redis://HOST:PORT (a size given is ignored; a host tier lives inside one server process).")]
 
 
 def _kv_store(specs: list[str]):
     from looplm.store import PrefixStore
 
     try:
-        return PrefixStore.from_specs(specs)
+        return PrefixStore.from_specs(specs, admin=True)  # a disk tier is read, never evicted, by this command
     except ValueError as e:
         _fail(str(e))
 

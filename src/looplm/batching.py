@@ -35,9 +35,19 @@ import torch.nn.functional as F
 
 from .engine import check_sampling, sample, stop_tokens_for
 from .exits import ExitPolicy, LoopTracker
+from .loops import first_exits
 from .model import LoopedLM, _Attend, _Context
 from .pool import KV, KVPool, parse_kv
 from .store import PrefixStore, chunk_keys, weights_fingerprint
+
+STORE_KEY_VERSION = 1  # bump when what a stored chunk holds changes
+
+
+def _device_name(device: torch.device) -> str:
+    """Where KV was computed, for the store's key: kernels differ across device kinds and GPU models."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 @dataclass
@@ -300,9 +310,9 @@ class Engine:
                 shape = (cfg.num_core_layers, req.num_loops, cfg.num_key_value_heads, len(req.prompt), cfg.head_dim)
                 req.scratch_k = KV.zeros(shape, dtype=self.model.dtype, device=self.model.device, int8=self.pool.int8)
                 req.scratch_v = KV.zeros(shape, dtype=self.model.dtype, device=self.model.device, int8=self.pool.int8)
+            self.running.append(req)  # before the lookup: whatever happens there, _release frees the row
             if self.store is not None:
                 self._lookup(req)
-            self.running.append(req)
 
     # ------------------------------------------------------------------ the prefix store
 
@@ -313,7 +323,8 @@ class Engine:
 
     def _root(self, req: _Request, num_loops: int) -> str:
         """What a stored chunk's KV depends on besides its tokens (docs/memory.md, "The key")."""
-        parts = [self._fingerprint, str(self.model.dtype), f"kv_dtype={self.kv_dtype}", f"loops={num_loops}",
+        parts = [f"v{STORE_KEY_VERSION}", f"torch={torch.__version__}", f"device={_device_name(self.model.device)}",
+                 self._fingerprint, str(self.model.dtype), f"kv_dtype={self.kv_dtype}", f"loops={num_loops}",
                  f"chunk={self.store.chunk_size}"]
         if self.prefix_kv == "committed":  # what the strategy keeps
             parts.append(f"committed={self.kv}")
@@ -341,7 +352,10 @@ class Engine:
             for i in range(usable):
                 self.prefix_queries += 1
                 got = self.store.get(keys[i])
-                if got is None or not self._load(req, got[0], i * cs, R):
+                if got is not None and not self._load(req, got[0], i * cs, R):
+                    self.store.discard(keys[i])  # not what its key promises: never read again
+                    got = None
+                if got is None:
                     break
                 self.prefix_hits[got[1]] = self.prefix_hits.get(got[1], 0) + 1
                 n += 1
@@ -593,9 +607,7 @@ class Engine:
                 done = req.policy.exits(stats, req.num_loops)
             if it.prefill:
                 if req.policy is not None:
-                    new = (it.exit_loop == 0) & done
-                    it.exit_loop = torch.where(new, loop, it.exit_loop)
-                    it.exit_h = torch.where(new[:, None], it.x, it.exit_h)
+                    _, it.exit_loop, it.exit_h = first_exits(done, loop, it.x, it.exit_loop, it.exit_h)
                 if loop == req.num_loops:
                     finishing.append(it)
             elif bool(done[0]):

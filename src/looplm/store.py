@@ -76,17 +76,29 @@ def chunk_keys(root: str, tokens: Sequence[int], chunk_size: int) -> list[str]:
     return keys
 
 
+# config fields that do not change what a forward computes for a given loop count (defaults of a run)
+_RUN_DEFAULTS = ("num_loops", "eos_token_id", "bos_token_id", "pad_token_id")
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer's name, dtype, shape and bytes, and of the model's config."""
+    """A hash of every parameter and buffer's name, dtype, shape and bytes, and of the model's config (the
+    structure: prelude / core / coda, norms, injection…; not run defaults such as num_loops). Cached on the
+    model until a tensor changes (torch counts in-place writes in `_version`)."""
+    state = model.state_dict()
+    versions = tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+    cached = getattr(model, "_looplm_fingerprint", None)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        h.update(repr(sorted(config.to_dict().items())).encode())
-    for name, t in sorted(model.state_dict().items()):
+        h.update(repr(sorted((k, v) for k, v in config.to_dict().items() if k not in _RUN_DEFAULTS)).encode())
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    model._looplm_fingerprint = (versions, h.hexdigest())
+    return model._looplm_fingerprint[1]
 
 
 def encode(chunk: Chunk) -> bytes:
@@ -150,6 +162,12 @@ class HostTier:
             self._data[key] = chunk
             self.used += n
 
+    def discard(self, key: str) -> None:
+        with self._lock:
+            chunk = self._data.pop(key, None)
+            if chunk is not None:
+                self.used -= chunk_nbytes(chunk)
+
     def stats(self) -> dict:
         with self._lock:
             return dict(tier=self.name, entries=len(self._data), bytes=self.used, budget=self.budget)
@@ -163,27 +181,39 @@ class HostTier:
 
 
 class DiskTier:
-    """Local disk: one file per chunk (written to a temp file, then renamed), LRU by access time."""
+    """Local disk: one file per chunk (written to a temp file, then renamed), LRU by access time. Several
+    processes may share the directory: after each write the tier counts what is on disk (every process's
+    files) and evicts the least recently used down to its budget. budget=None (the `kv-store` command):
+    never evict."""
 
     name = "disk"
     suffix = ".kv"
+    stale_tmp_s = 3600  # a temp file this old belongs to a writer that died
 
-    def __init__(self, path: str | Path, budget: int):
+    def __init__(self, path: str | Path, budget: int | None):
         self.path, self.budget = Path(path), budget
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # key → bytes, least recently used first
-        found = []
-        for f in self.path.glob(f"*/*{self.suffix}"):
+        self.used = 0
+        self._rescan()
+        self._evict()
+
+    def _rescan(self) -> None:
+        """Count what is on disk now (other processes write here too); drop temp files of dead writers."""
+        found, now = [], time.time()
+        for f in self.path.glob("*/*"):
             try:
                 st = f.stat()
-            except FileNotFoundError:
+            except OSError:
                 continue
-            found.append((st.st_mtime, f.stem, st.st_size))
-        for _, key, size in sorted(found):
-            self._sizes[key] = size
-        self.used = sum(self._sizes.values())
-        self._evict()
+            if f.suffix == self.suffix:
+                found.append((st.st_mtime, f.stem, st.st_size))
+            elif f.name.endswith(".tmp") and now - st.st_mtime > self.stale_tmp_s:
+                f.unlink(missing_ok=True)
+        with self._lock:
+            self._sizes = OrderedDict((key, size) for _, key, size in sorted(found))
+            self.used = sum(self._sizes.values())
 
     def _file(self, key: str) -> Path:
         return self.path / key[:2] / f"{key}{self.suffix}"
@@ -191,52 +221,57 @@ class DiskTier:
     def get(self, key: str) -> Chunk | None:
         f = self._file(key)
         try:
-            blob = f.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+            with open(f, "rb") as fh:
+                blob = fh.read()
+                inode = os.fstat(fh.fileno()).st_ino
+        except OSError:  # missing, unreadable: a miss
             with self._lock:
                 self.used -= self._sizes.pop(key, 0)
             return None
         chunk = decode(blob)
-        if chunk is None:  # corrupt or torn: drop it, a later put writes it again
+        if chunk is None:  # corrupt or torn: drop it (unless a writer has just replaced it), a later put rewrites it
             log.warning("disk tier: %s failed its checksum; dropped", f)
-            self._remove(key)
+            self._remove(key, inode=inode)
             return None
         with self._lock:
             if key in self._sizes:
                 self._sizes.move_to_end(key)
         try:
-            os.utime(f)
-        except FileNotFoundError:
+            os.utime(f)  # the access time other processes evict by
+        except OSError:
             pass
         return chunk
 
     def put(self, key: str, chunk: Chunk) -> None:
         blob = encode(chunk)
-        if len(blob) > self.budget:
+        if self.budget is not None and len(blob) > self.budget:
             return
         f = self._file(key)
         f.parent.mkdir(exist_ok=True)
         tmp = f.with_name(f"{f.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, f)  # atomic: a reader sees the old file, the new one, or none — never half
-        with self._lock:
-            self.used += len(blob) - self._sizes.pop(key, 0)
-            self._sizes[key] = len(blob)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, f)  # atomic: a reader sees the old file, the new one, or none — never half
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._rescan()
         self._evict()
 
-    def _remove(self, key: str) -> None:
+    def _remove(self, key: str, inode: int | None = None) -> None:
+        f = self._file(key)
         try:
-            self._file(key).unlink()
-        except FileNotFoundError:
+            if inode is None or f.stat().st_ino == inode:
+                f.unlink()
+        except OSError:
             pass
         with self._lock:
             self.used -= self._sizes.pop(key, 0)
 
     def _evict(self) -> None:
-        while True:
+        while self.budget is not None:
             with self._lock:
                 if self.used <= self.budget or not self._sizes:
                     return
@@ -265,30 +300,47 @@ class RedisTier:
     name = "redis"
     prefix = "looplm:kv:"
 
-    def __init__(self, url: str, budget: int | None = None, *, timeout_s: float = 2.0, retry_s: float = 1.0):
+    def __init__(self, url: str, budget: int | None = None, *, timeout_s: float = 0.5, retry_s: float = 1.0):
         import redis  # an optional dependency, imported only when a Redis tier is configured
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.url, self.budget, self.retry_s = url, budget, retry_s
+        # unreachable: ConnectionError / TimeoutError / OSError mark the tier down; any other Redis error
+        # (OOM under noeviction, READONLY, …) is a miss for that call only
+        self._down_errors = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._errors = (redis.RedisError, OSError)
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # no retries inside redis-py: a call that fails is a miss now, and the tier tries again in retry_s
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        self._lock = threading.Lock()
         self._down_since: float | None = None
         self._next_try = 0.0
+        self._last_error_log = 0.0
 
     def _call(self, fn, *args):
         now = time.monotonic()
-        if self._down_since is not None and now < self._next_try:
-            return None
+        with self._lock:
+            if self._down_since is not None and now < self._next_try:
+                return None
         try:
             out = fn(*args)
         except self._errors as e:
-            if self._down_since is None:
-                log.warning("redis tier %s is unreachable (%s); serving misses until it is back", self.url, e)
-                self._down_since = now
-            self._next_try = now + self.retry_s
+            with self._lock:
+                if not isinstance(e, self._down_errors):
+                    if now - self._last_error_log > 60:
+                        log.warning("redis tier %s: %s (a miss)", self.url, e)
+                        self._last_error_log = now
+                    return None
+                if self._down_since is None:
+                    log.warning("redis tier %s is unreachable (%s); serving misses until it is back", self.url, e)
+                    self._down_since = now
+                self._next_try = now + self.retry_s
             return None
-        if self._down_since is not None:
-            log.warning("redis tier %s is back after %.1f s", self.url, now - self._down_since)
-            self._down_since = None
+        with self._lock:
+            if self._down_since is not None:
+                log.warning("redis tier %s is back after %.1f s", self.url, now - self._down_since)
+                self._down_since = None
         return out
 
     @property
@@ -304,6 +356,8 @@ class RedisTier:
         return chunk
 
     def put(self, key: str, chunk: Chunk) -> None:
+        if not self.up and time.monotonic() < self._next_try:
+            return  # down: not worth encoding
         blob = encode(chunk)
         if self.budget is not None and len(blob) > self.budget:
             return
@@ -323,9 +377,10 @@ class RedisTier:
         return len(keys)
 
 
-def parse_tier(spec: str, *, device: torch.device | str = "cpu"):
+def parse_tier(spec: str, *, device: torch.device | str = "cpu", admin: bool = False):
     """'device:1GiB' | 'host:4GiB' | 'disk:PATH:20GiB' | 'redis://HOST:PORT[/DB]' (optionally ',SIZE');
-    `device` is where a device tier keeps its chunks (the engine's)."""
+    `device` is where a device tier keeps its chunks (the engine's). admin (the `kv-store` command): a disk
+    tier is opened without evicting (its size, if given, is ignored: `disk:PATH` is enough)."""
     s = spec.strip()
     if s.startswith(("redis://", "rediss://", "unix://")):
         url, _, size = s.partition(",")
@@ -336,6 +391,11 @@ def parse_tier(spec: str, *, device: torch.device | str = "cpu"):
     if kind == "device":
         return HostTier(parse_bytes(rest or "1GiB"), device=device)
     if kind == "disk":
+        if admin:
+            path, sep, size = rest.rpartition(":")
+            if not sep or not path or not re.fullmatch(r"[0-9.]+[A-Za-z]*", size):
+                path = rest
+            return DiskTier(path, None)
         path, sep, size = rest.rpartition(":")
         if not sep or not path:
             raise ValueError(f"--kv-store {spec!r}: a disk tier is disk:PATH:SIZE, e.g. disk:/tmp/looplm-kv:20GiB")
@@ -350,7 +410,7 @@ class PrefixStore:
     """Tiers in order (fastest first); `get` reads through them and promotes a hit, `put` writes the first
     tier now and the rest on a background thread (`flush()` waits for it)."""
 
-    def __init__(self, tiers: Iterable, *, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, tiers: Iterable, *, chunk_size: int = CHUNK_SIZE, max_pending: int = 256):
         self.tiers = list(tiers)
         if not self.tiers:
             raise ValueError("a PrefixStore needs at least one tier")
@@ -359,14 +419,16 @@ class PrefixStore:
         self.chunk_size = chunk_size
         self.queries = 0  # chunks looked up
         self.hits = {t.name: 0 for t in self.tiers}
-        self._writes: queue.Queue = queue.Queue()
+        self._writes: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.dropped = 0  # writes dropped because the queue was full (a slow tier)
+        self._failing: set[str] = set()  # tiers whose last call raised (logged once)
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_specs(cls, specs: Sequence[str], *, chunk_size: int = CHUNK_SIZE,
-                   device: torch.device | str = "cpu") -> PrefixStore:
-        tiers = [parse_tier(s, device=device) for s in specs]
+                   device: torch.device | str = "cpu", admin: bool = False) -> PrefixStore:
+        tiers = [parse_tier(s, device=device, admin=admin) for s in specs]
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"--kv-store: each kind of tier at most once, got {names}")
@@ -377,7 +439,13 @@ class PrefixStore:
         with self._lock:
             self.queries += 1
         for i, tier in enumerate(self.tiers):
-            chunk = tier.get(key)
+            try:
+                chunk = tier.get(key)
+            except Exception as e:  # noqa: BLE001 — a tier that fails is a miss, never a failed request
+                if tier.name not in self._failing:
+                    log.warning("kv store: reading from the %s tier failed (%s); a miss", tier.name, e)
+                    self._failing.add(tier.name)
+                continue
             if chunk is not None:
                 with self._lock:
                     self.hits[tier.name] += 1
@@ -403,12 +471,22 @@ class PrefixStore:
             else:
                 self._queue(tier, key, host)
 
+    def discard(self, key: str) -> None:
+        """Drop `key` from the in-process tiers (an entry that is not what its key promises)."""
+        for tier in self.tiers:
+            if isinstance(tier, HostTier):
+                tier.discard(key)
+
     def _queue(self, tier, key: str, chunk: Chunk) -> None:
         with self._lock:
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._write_loop, name="looplm-kv-store", daemon=True)
                 self._writer.start()
-        self._writes.put((tier, key, chunk))
+        try:
+            self._writes.put_nowait((tier, key, chunk))
+        except queue.Full:  # the slow tier misses this chunk; memory stays bounded
+            with self._lock:
+                self.dropped += 1
 
     def _write_loop(self) -> None:
         while True:
@@ -426,7 +504,7 @@ class PrefixStore:
 
     def stats(self) -> dict:
         with self._lock:
-            out = dict(chunk_size=self.chunk_size, queries=self.queries, hits=dict(self.hits))
+            out = dict(chunk_size=self.chunk_size, queries=self.queries, hits=dict(self.hits), dropped=self.dropped)
         out["tiers"] = [t.stats() for t in self.tiers]
         return out
 
