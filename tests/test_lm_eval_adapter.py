@@ -124,6 +124,52 @@ def test_loglikelihood_matches_score_and_plain_forward(tiny_dir):
     assert ll == pytest.approx(direct.totals[0], abs=1e-4)
 
 
+PACKED_MODELS = {
+    "coda": {},  # the readout runs the coda over every position, the head at the wanted ones
+    "no_coda": {"num_coda_layers": 0},  # the readout runs on the wanted positions only
+    "no_coda_loop_norm": {"num_coda_layers": 0, "loop_norm": True},  # Ouro: the loop norm is the final norm
+    "sliding": {"sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+}
+
+
+@pytest.mark.parametrize("overrides", PACKED_MODELS.values(), ids=PACKED_MODELS.keys())
+def test_packed_loglikelihood_matches_score(tiny_dir, overrides):
+    """Static depth with per_loop KV: each batch is one packed forward (a shared context once, then its
+    continuations; the head only where a continuation token is predicted). Every request's log-likelihood and
+    greedy flag equal looplm.score on that request alone and the adapter's looplm.score path, whatever shares
+    its batch: a context split over batches (4 continuations, batch_size 3), contexts of different lengths,
+    an empty context, a duplicate request, a continuation that is the greedy one."""
+    model = tiny_model(vocab_size=49152, max_position_embeddings=256, eos_token_id=2, **overrides)
+    lm = adapter.LoopLMEval(pretrained=model, tokenizer=tiny_dir, loops=2, batch_size=3)
+    assert lm._packed
+    q = "Question: Which gas do plants take in?\nAnswer:"
+    pairs = [(q, " carbon dioxide"), (q, " oxygen"), (q, " nitrogen gas at night"), (q, " water"),
+             ("Once upon a time", " there"), ("Once upon a time", ", there was a little dog named Max"),
+             ("The cat sat on the ", "mat."), ("", "Hello world"), ("Hi", " there"), ("Hi", " there")]
+    encoded = [lm._encode_pair(c, t) if c else ([lm.prefix_token_id], lm.tok_encode(t)) for c, t in pairs]
+    ctx = encoded[4][0]
+    with torch.no_grad():
+        top = int(model(torch.tensor([ctx]), num_loops=2).logits[0, -1].argmax())
+    encoded.append((ctx, [top]))  # greedy: True
+    requests = [(None, c, t) for c, t in encoded]
+    got = lm._loglikelihood_tokens(requests)
+    lm._packed = False
+    cached = lm._loglikelihood_tokens(requests)
+    assert got[-1][1] is True
+    for (c, t), (ll, greedy), (ll_cached, greedy_cached) in zip(encoded, got, cached):
+        direct = looplm.score(model, [c], [t], num_loops=2, kv="per_loop")
+        assert ll == pytest.approx(direct.totals[0], abs=1e-4)
+        assert ll == pytest.approx(ll_cached, abs=1e-4)
+        assert greedy == direct.greedy[0] == greedy_cached
+    assert lm.stats["scored_tokens"] == 2 * sum(len(t) for _, t in encoded)
+    assert lm.stats["scored_loops"] == 2 * lm.stats["scored_tokens"]
+    # batches count continuations, as lm-eval's backends count requests; each context is in one row of its batch
+    rows = [(k, c, t) for k, (c, t) in enumerate(encoded)]
+    sizes = [len(b) for b in lm._packed_batches(rows)]
+    assert sum(sizes) == len(rows) and max(sizes) <= 3
+
+
 def test_loglikelihood_with_exit_and_kv_matches_score(tiny_dir):
     lm = _lm(tiny_dir, ",kv=last,exit=q:0.6+min=1")
     assert lm.kv == "last" and lm.exit == "q:0.6,min=1"

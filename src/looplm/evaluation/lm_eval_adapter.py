@@ -29,9 +29,11 @@ model_args (comma-separated key=value, as lm-eval parses them):
     add_bos_token    true/false: ask the tokenizer to add special tokens when encoding (default: its default)
     tokenizer    a tokenizer dir (default: the model dir)
 
-Scoring uses `looplm.score`, so exits and the KV strategy act exactly as in decoding: every continuation token
-is fed through the cache after the context's prefill. At static depth with kv=per_loop that is one forward
-over context + continuation (identical to HF-style scoring).
+Scoring acts exactly as decoding does. With an exit policy or a KV strategy other than per_loop it goes through
+`looplm.score`: every continuation token is fed through the cache after the context's prefill. At static depth
+with kv=per_loop (a cache-free forward, identical to HF-style scoring) a batch is one packed forward instead: each
+distinct context once, then every continuation that shares it, attending to the context and to itself only, and
+the head only where a continuation token is predicted (docs/evaluation.md, "Speed").
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ from lm_eval.api.registry import model_registry, register_model
 
 import looplm
 from looplm.cache import check_strategy
-from looplm.engine import stop_tokens_for
+from looplm.engine import check_token_ids, stop_tokens_for
 from looplm.evaluation.runner import cut_at_stop, run_until  # noqa: F401 (cut_at_stop: part of this module's API)
+from looplm.loops import LoopRun
+from looplm.retrofit_search import Encoded, pack
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +237,7 @@ class LoopLMEval(TemplateLM):
         # fail now, not after the tasks are built: the budget must make sense for this model
         self.num_loops, policy = self.model.resolve_budget(self.loops, self.exit)
         self.exit_policy = str(policy) if policy is not None else f"static:{self.num_loops}"
+        self._packed = policy is None and self.kv == "per_loop"  # scoring is one plain forward: pack it
         cfg = self.model.config
         if len(self.tokenizer) > cfg.vocab_size:
             log.warning("looplm: tokenizer has %d tokens but the model's vocab_size is %d",
@@ -354,14 +359,15 @@ class LoopLMEval(TemplateLM):
             if not ctx:
                 ctx = [self.prefix_token_id]
             todo.append((i, self._fit(ctx, cont), cont))
-        # longest contexts first, equal contexts adjacent (looplm.score prefills a shared context once)
-        todo.sort(key=lambda r: (-len(r[1]), r[1], -len(r[2])))
+        if self._packed:
+            batches, score = self._packed_batches(todo), self._score_packed
+        else:  # longest contexts first, equal contexts adjacent (looplm.score prefills a shared context once)
+            todo.sort(key=lambda r: (-len(r[1]), r[1], -len(r[2])))
+            batches, score = self._batches(todo), self._score_cached
         bar = _progress(len(todo), "looplm loglikelihood", disable_tqdm)
-        for batch in self._batches(todo):
-            res = looplm.score(self.model, [b[1] for b in batch], [b[2] for b in batch],
-                               num_loops=self.loops, exit=self.exit, kv=self.kv)
-            for (i, _, _), lps, greedy, loops in zip(batch, res.logprobs, res.greedy, res.loops):
-                results[i] = (float(sum(lps)), bool(greedy))
+        for batch in batches:
+            for (i, _, _), (ll, greedy, loops) in zip(batch, score(batch)):
+                results[i] = (ll, greedy)
                 self.stats["scored_tokens"] += len(loops)
                 self.stats["scored_loops"] += sum(loops)
             bar.update(len(batch))
@@ -370,6 +376,74 @@ class LoopLMEval(TemplateLM):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, r)
         return results  # type: ignore[return-value]
+
+    def _score_cached(self, batch) -> list[tuple[float, bool, list[int]]]:
+        """(log-likelihood, greedy, loops per token) of each row through `looplm.score` (exits, KV strategies)."""
+        res = looplm.score(self.model, [b[1] for b in batch], [b[2] for b in batch],
+                           num_loops=self.loops, exit=self.exit, kv=self.kv)
+        return [(float(sum(lps)), bool(g), loops) for lps, g, loops in zip(res.logprobs, res.greedy, res.loops)]
+
+    def _packed_batches(self, rows: list[tuple[int, list[int], list[int]]]):
+        """Rows grouped by context, the groups longest first (context + all continuations: packed rows then
+        need little padding), in batches of at most batch_size rows (continuations) as the other backends
+        count them; a context with more continuations than batch_size is split."""
+        groups: dict[tuple[int, ...], list] = defaultdict(list)
+        for row in rows:
+            groups[tuple(row[1])].append(row)
+        chunks = [g[k : k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+        chunks.sort(key=lambda g: -(len(g[0][1]) + sum(len(r[2]) for r in g)))
+        batch: list = []
+        for g in chunks:
+            if batch and len(batch) + len(g) > self.batch_size:
+                yield batch
+                batch = []
+            batch += g
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def _score_packed(self, batch) -> list[tuple[float, bool, list[int]]]:
+        """Static depth, per_loop KV: one forward over the batch packed as the retrofit search packs items (each
+        context once, then its continuations, each attending to the context and to itself only, RoPE positions
+        continuing the context; several contexts share a row first fit). The head runs only where a continuation
+        token is predicted. This is the cache-free forward over context + continuation that `looplm.score` equals
+        here, without repeating a shared context, padding rows to the longest continuation, or the full-vocabulary
+        head over context positions."""
+        model, dev = self.model, self.model.device
+        check_token_ids([b[1] for b in batch], model.config.vocab_size, "context")
+        check_token_ids([b[2] for b in batch], model.config.vocab_size, "continuation")
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context → its rows in the batch
+        for k, (_, ctx, _) in enumerate(batch):
+            groups[tuple(ctx)].append(k)
+        owners = list(groups.values())
+        p = pack([Encoded(str(n), list(ctx), [batch[k][2] for k in ks], 0) for n, (ctx, ks) in enumerate(groups.items())])
+        row_of = [k for it in p.items for k in owners[int(it.id)]]  # flat continuation index → batch row
+        ctx = model.packed_context(p.positions.to(dev), p.mask.to(dev))
+        h = LoopRun(model, model.embed(p.ids.to(dev), ctx), ctx, self.num_loops).to_end().exit_hidden  # (B, S, D)
+        S = h.shape[1]
+        # a context's last position predicts the first token of each of its continuations: read it out once
+        where, inverse = torch.unique(p.rows * S + p.cols, return_inverse=True)
+        logp = torch.log_softmax(self._readout_at(h, ctx, where.to(dev)).float(), -1)  # (U, V)
+        inverse, targets, choice = inverse.to(dev), p.targets.to(dev), p.choice_of.to(dev)
+        tok = logp[inverse, targets].double()  # (P,) log p of each continuation token
+        missed = (logp.argmax(-1)[inverse] != targets).long()  # (P,) 1 where greedy decoding would differ
+        n = len(batch)
+        ll = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, choice, tok).tolist()
+        wrong = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, choice, missed).tolist()
+        out: list = [None] * n
+        for flat, k in enumerate(row_of):
+            out[k] = (ll[flat], wrong[flat] == 0, [self.num_loops] * len(batch[k][2]))
+        return out
+
+    def _readout_at(self, h: torch.Tensor, ctx, where: torch.Tensor) -> torch.Tensor:
+        """Logits (U, V) at the flat positions `where` of h (B, S, D). The coda attends over every position, so a
+        model with one reads out every column that holds a wanted position; without a coda the readout (norm,
+        head) is per position and runs on the wanted ones only."""
+        B, S, D = h.shape
+        if not self.model.coda:
+            return self.model.readout(h.reshape(B * S, D)[where][None], ctx)[0]
+        cols, col_of = torch.unique(where % S, return_inverse=True)
+        return self.model.readout(h, ctx, cols)[where // S, col_of]
 
     def _batches(self, rows: list[tuple[int, list[int], list[int]]]):
         """Consecutive rows in batches of at most batch_size whose longest context + longest continuation fit
