@@ -430,6 +430,10 @@ def serve(
     kv_store: Annotated[Optional[list[str]], typer.Option("--kv-store", help="A tier of the KV prefix store, repeatable, fastest first: host:4GiB | disk:PATH:20GiB | redis://HOST:PORT (docs/memory.md).")] = None,
     kv_chunk_size: Annotated[int, typer.Option(help="Prompt positions per chunk of the KV prefix store (a prefix is reused in whole chunks).")] = 256,
     prefix_kv: Annotated[str, typer.Option(help="What a stored chunk holds under last/mean/first: loops (every loop's KV; warm ≡ a single-pass prefill) | committed (the strategy's KV, 1/R of the core's bytes; prompts prefill chunk by chunk).")] = "loops",
+    replicas: Annotated[Optional[int], typer.Option(help="Serve on Ray Serve with N replicas, each with its own engine (docs/scaleout.md); without it nothing imports Ray.")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="With --replicas: autoscale between --replicas and this many on ongoing requests.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --replicas: join this Ray cluster (e.g. auto) instead of starting one.")] = None,
+    router: Annotated[str, typer.Option(help="With --replicas: prefix (the replica that served the prompt's leading chunks, else the least loaded) | pow2 (Ray's default).")] = "prefix",
     core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
     device: Device = "cpu",
@@ -464,6 +468,14 @@ def serve(
         if model is not None and not Path(model).exists():
             raise ValueError(f"--model {model!r}: no such file or directory")
         block = _block(core)
+        if replicas is not None and replicas < 1:
+            raise ValueError(f"--replicas must be ≥ 1, got {replicas}")
+        if max_replicas is not None and (replicas is None or max_replicas < replicas):
+            raise ValueError(f"--max-replicas {max_replicas} needs --replicas ≤ it")
+        if (ray_address is not None or router != "prefix") and replicas is None:
+            raise ValueError("--ray-address and --router need --replicas")
+        if router not in ("prefix", "pow2"):
+            raise ValueError(f"--router {router!r}: choose prefix or pow2")
         if prefix_kv not in ("loops", "committed"):
             raise ValueError(f"--prefix-kv {prefix_kv!r}: choose loops or committed")
         if kv_store:
@@ -486,6 +498,14 @@ def serve(
                          max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template,
                          kv_store=list(kv_store or []), kv_chunk_size=kv_chunk_size,
                          prefix_kv=prefix_kv)
+    if replicas is not None:
+        from looplm.checkpoint import default_model_dir
+        from looplm.server import scaleout
+
+        scaleout.run(opts=opts, load_args=(model, DTYPES[dtype], device, block, threads), replicas=replicas,
+                     max_replicas=max_replicas, ray_address=ray_address, host=host, port=port, router=router,
+                     tokenizer_dir=model or str(default_model_dir()))
+        return
     import signal
 
     # uvicorn handles SIGTERM (stop accepting, let open requests end, lifespan shutdown), then raises it again
