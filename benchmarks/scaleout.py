@@ -73,6 +73,7 @@ class RayServer:
 
 def part_throughput(args, logdir: Path) -> list[dict]:
     cfg = json.loads((Path(args.model) / "config.json").read_text())
+    args.exit_gate = bool(cfg.get("exit_gate"))  # q:... budgets only for a model with an exit gate (as serve.py)
     trace = make_trace(args, cfg["vocab_size"])
     rows = []
     for n in (1, 2):
@@ -139,6 +140,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=32.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--prompt-len", default="8:64", help="prompt tokens, uniform in MIN:MAX (as serve.py)")
+    ap.add_argument("--max-tokens", default="8:48", help="generated tokens, uniform in MIN:MAX")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
