@@ -502,3 +502,29 @@ def test_disk_budget_holds_across_processes_and_the_admin_view_never_evicts(tmp_
     os.utime(stale, (0, 0))  # a writer that died long ago
     admin = PrefixStore.from_specs([f"disk:{tmp_path}:1"], admin=True).tiers[0]  # the size is ignored
     assert admin.budget is None and admin.stats()["entries"] == 3 and not stale.exists()
+
+
+def test_int8_kv_keeps_the_bundled_models_answers():
+    """The accuracy bound docs/memory.md reports: int8 KV changes none of the bundled model's answers on 40
+    held-out problems (benchmarks/prefix_store.py measured 200 queries: 100% agreement)."""
+    import json
+
+    from looplm.checkpoint import load, load_tokenizer
+    from looplm.demo import heldout_problems
+
+    d = looplm.bundled_model_dir()
+    model, tok = load(d), load_tokenizer(d)
+    meta = json.loads((d / "looplm_task.json").read_text())
+    probs = [p for diff in meta["difficulties"] for p in heldout_problems(meta, diff, count=10, seed=12345)]
+    answers = {}
+    for kv in ("last", "last:int8"):
+        e = Engine(model, kv=kv, max_batch_size=8, max_tokens=1024)
+        ids = [e.add_request(tok.encode(p.prompt, add_special_tokens=False), max_new_tokens=1, stop_tokens=[])
+               for p in probs]
+        got = {}
+        while e.has_unfinished_requests():
+            for o in e.step():
+                got[o.request_id] = tok.decode(o.new_tokens)
+        answers[kv] = [got[i] for i in ids]
+    right = sum(a == p.answer[0] for a, p in zip(answers["last"], probs))
+    assert answers["last:int8"] == answers["last"] and right >= 36, right
