@@ -103,7 +103,7 @@ def part_cross(args, logdir: Path, redis_url: str) -> dict:
     docs = [tok.decode(tok.encode(text[i * 40_000 : (i + 1) * 40_000], add_special_tokens=False)[: args.prefix])
             for i in range(args.prompts)]
     s = RayServer(logdir / "cross.log", "--replicas", "2", "--router", "pow2", "--threads", "1",
-                  "--core", args.core, "--kv-store", "host:4GiB", "--kv-store", redis_url, "--log-level", "warning")
+                  "--core", args.core, "--max-loops", "4", "--kv-store", "host:4GiB", "--kv-store", redis_url, "--log-level", "warning")
     rows = []
     try:
         s.wait(2)
@@ -115,6 +115,8 @@ def part_cross(args, logdir: Path, redis_url: str) -> dict:
                     "prompt": doc + " The end.", "max_tokens": 1, "temperature": 0, "num_loops": 4})
                 dt = time.perf_counter() - t0
                 body = r.json()
+                if r.status_code != 200:
+                    sys.exit(f"the server answered {r.status_code}: {body}")
                 got.append(dict(ttft_s=dt, cached=body["usage"]["prompt_tokens_details"]["cached_tokens"],
                                 replica=int(r.headers["x-looplm-replica"]), text=body["choices"][0]["text"]))
                 if attempt >= 1 and any(g["replica"] != got[0]["replica"] for g in got[1:]):
