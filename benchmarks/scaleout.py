@@ -7,6 +7,8 @@
 2. cross-replica — long prompts (real text, --prefix tokens) each sent twice to 2 replicas under Ray's
    power-of-two router: TTFT of the cold first request, and of the second one when it lands on the other
    replica (a hit from the shared Redis) or on the same one (host RAM).
+3. routers — the same prompts sent once each, then again, under --router prefix and --router pow2: how
+   often the second send lands on the replica holding the prefix, and its mean TTFT.
 
     python benchmarks/scaleout.py                      # bundled chain-r4 for 1; SmolLM2 core 10:14 R=4 for 2
     python benchmarks/scaleout.py --parts throughput --requests 100
@@ -134,9 +136,56 @@ def part_cross(args, logdir: Path, redis_url: str) -> dict:
     return {"prefix_tokens": args.prefix, "rows": rows}
 
 
+def part_routers(args, logdir: Path, redis_url: str) -> list[dict]:
+    """--prompts long prompts sent once each, then each again in the same order, through 2 replicas under
+    each router: where the second sends land (the replica holding the prefix in RAM, or the other, which
+    reads Redis) and their time to first token."""
+    from looplm.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(str(looplm.default_model_dir()))
+    text = (DATA / "text" / "tinystories_val.txt").read_text()
+    docs = [tok.decode(tok.encode(text[i * 40_000 : (i + 1) * 40_000], add_special_tokens=False)[: args.prefix])
+            for i in range(args.prompts)]
+    rows = []
+    for router in ("prefix", "pow2"):
+        subprocess.run([sys.executable, "-c", f"import redis; redis.Redis.from_url({redis_url!r}).flushall()"])
+        s = RayServer(logdir / f"router-{router}.log", "--replicas", "2", "--router", router, "--threads", "1",
+                      "--core", args.core, "--max-loops", "4", "--kv-store", "host:4GiB", "--kv-store", redis_url,
+                      "--log-level", "warning")
+        try:
+            s.wait(2)
+            first, second = {}, []
+            for rnd in range(2):
+                for i, doc in enumerate(docs):
+                    t0 = time.perf_counter()
+                    r = httpx.post(f"{s.url}/v1/completions", timeout=1800, json={
+                        "prompt": doc + f" Question {rnd}.", "max_tokens": 1, "temperature": 0, "num_loops": 4})
+                    dt, body = time.perf_counter() - t0, r.json()
+                    if r.status_code != 200:
+                        sys.exit(f"the server answered {r.status_code}: {body}")
+                    pid = int(r.headers["x-looplm-replica"])
+                    if rnd == 0:
+                        first[i] = (pid, dt)
+                        time.sleep(1.0)  # the store's writer reaches Redis
+                    else:
+                        second.append(dict(same=pid == first[i][0], ttft_s=dt,
+                                           cached=body["usage"]["prompt_tokens_details"]["cached_tokens"]))
+        finally:
+            s.stop()
+        row = dict(router=router, prompts=len(docs), same_replica=sum(x["same"] for x in second) / len(second),
+                   cold_ttft_s=sum(t for _, t in first.values()) / len(first),
+                   warm_ttft_s=sum(x["ttft_s"] for x in second) / len(second),
+                   reused=sum(x["cached"] for x in second) / len(second))
+        rows.append(row)
+        print(f"router {router:<6}: second sends on the replica holding the prefix {row['same_replica']:.0%}, "
+              f"mean TTFT cold {row['cold_ttft_s']:.2f} s → warm {row['warm_ttft_s']:.2f} s "
+              f"({row['cold_ttft_s'] / row['warm_ttft_s']:.1f}×, {row['reused']:.0f} tokens reused)", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="throughput,cross")
+    ap.add_argument("--parts", default="throughput,cross,routers")
     ap.add_argument("--model", default=str(looplm.bundled_model_dir()), help="throughput part's model")
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--rate", type=float, default=32.0)
@@ -158,10 +207,13 @@ def main() -> None:
         logdir = Path(tmp)
         if "throughput" in parts:
             figures["throughput"] = part_throughput(args, logdir)
-        if "cross" in parts:
+        if {"cross", "routers"} & set(parts):
             url, proc = start_redis(tmp)
             try:
-                figures["cross"] = part_cross(args, logdir, url)
+                if "cross" in parts:
+                    figures["cross"] = part_cross(args, logdir, url)
+                if "routers" in parts:
+                    figures["routers"] = part_routers(args, logdir, url)
             finally:
                 proc.terminate()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
