@@ -99,6 +99,7 @@ def part_ttft(model, tok, args, redis_url) -> list[dict]:
     other = tok.encode(" Question: what happens at the end of the story? Answer:", add_special_tokens=False)[:16]
     kw = dict(num_loops=args.loops, max_new_tokens=1)
     for n in args.lengths:
+        n = min(n, model.config.max_position_embeddings - 32)  # 8k: the prefix and the question fit the context
         prefix = text_tokens(tok, n)
         engine = Engine(model, kv=args.kv, max_loops=args.loops, max_batch_size=1, max_tokens=n + 64,
                         max_step_tokens=args.step_tokens)
