@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from looplm.batching import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptive_exit import gated  # noqa: E402  (same gated model as the adaptive-exit benchmark)
+from common import print_result  # noqa: E402
 
 
 def layer_macs(model) -> tuple[int, int]:
@@ -296,12 +295,7 @@ def main() -> None:
             figures += part_poisson(args, model, R)
     if "batch1" in parts:
         figures += part_batch1(args, path)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    print(json.dumps({"machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-                      "commit": commit, "config": {**vars(args), "model": path}, "figures": figures}))
+    print_result({**vars(args), "model": path}, figures)
 
 
 if __name__ == "__main__":

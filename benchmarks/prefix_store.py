@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import socket
 import subprocess
@@ -43,6 +42,9 @@ import looplm
 from looplm.batching import Engine
 from looplm.checkpoint import load, load_tokenizer
 from looplm.store import DiskTier, HostTier, PrefixStore, RedisTier, chunk_nbytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_result  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -324,12 +326,7 @@ def main() -> None:
         finally:
             if proc is not None:
                 proc.terminate()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    print(json.dumps({"machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-                      "commit": commit, "config": {**vars(args), "model": path}, "figures": figures}))
+    print_result({**vars(args), "model": path}, figures)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_result  # noqa: E402
 from prefix_store import start_redis  # noqa: E402
 from serve import Request, free_port, make_trace, print_table, run_trace, summarize  # noqa: E402
 
@@ -216,9 +216,7 @@ def main() -> None:
                     figures["routers"] = part_routers(args, logdir, url)
             finally:
                 proc.terminate()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "commit": commit,
-                      "config": vars(args), "figures": figures}))
+    print_result(vars(args), figures)
 
 
 if __name__ == "__main__":
