@@ -133,6 +133,7 @@ class _Group:
     T: int  # keys read: max(pos) + 1
     mask: torch.Tensor | None  # (n, 1, 1, T) or None when every row sees all T keys
     window_mask: torch.Tensor | None  # the same for sliding-window layers
+    only: tuple[int, int, int, int] | None = None  # one token: (packed index, loop, row, position) as ints
 
 
 @dataclass
@@ -155,13 +156,16 @@ class Engine:
     stored chunk holds under the shared strategies — "loops" (every loop's KV: warm ≡ a single-pass prefill)
     or "committed" (what the strategy keeps, 1/R of the core's bytes: every prompt is then prefilled chunk
     by chunk, each chunk committed before the next reads it, like earlier turns of a conversation, so warm ≡
-    cold again; per_loop keeps every loop either way).
+    cold again; per_loop keeps every loop either way). fuse: call `model.fuse()` (fused projections, and on
+    a CPU packed weights: a copy of the projections' bytes; `looplm.fused`).
     """
 
     def __init__(self, model: LoopedLM, *, kv: str = "last", max_loops: int | None = None,
                  max_batch_size: int = 32, max_tokens: int = 8192, max_step_tokens: int = 512,
-                 kv_store: PrefixStore | Sequence[str] | None = None, prefix_kv: str = "loops"):
+                 kv_store: PrefixStore | Sequence[str] | None = None, prefix_kv: str = "loops", fuse: bool = True):
         self.model, self.config = model, model.config
+        if fuse:  # q|k|v and gate|up as one matmul each, packed for oneDNN where it can (looplm.fused)
+            model.fuse()
         self.kv, self.kv_dtype = parse_kv(kv)  # "last:int8": the strategy, and int8 KV in the pool and the store
         self.max_loops = model.resolve_loops(max_loops)
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
@@ -512,7 +516,11 @@ class Engine:
             window_mask = (seen & (keys > pos[:, None] - window))[:, None, None]
         else:
             window_mask = mask
-        return _Group(loops, loops == 0, idx, rows, pos, T, mask, window_mask)
+        only = None
+        if len(members) == 1:
+            it, o = members[0]
+            only = (o, it.loop, it.req.row, it.start)
+        return _Group(loops, loops == 0, idx, rows, pos, T, mask, window_mask, only)
 
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Store the packed tokens' K/V (1, Hkv, N, Dh) where each belongs and attend: q (1, H, N, Dh) → y."""
@@ -521,7 +529,7 @@ class Engine:
         j = layer_idx - cfg.num_prelude_layers
         shared_core = core and self.kv != "per_loop"
         gqa = attn.n_kv != attn.n_head
-        y = torch.empty_like(q)
+        y = torch.empty_like(q) if plan.prefill else None
         for it, off, masks in plan.prefill:
             S, a = it.size, it.start
             b = a + S
@@ -538,7 +546,22 @@ class Engine:
                 q[:, :, at], dk[None, :, :b].values(), dv[None, :, :b].values(), attn_mask=mask, is_causal=causal,
                 scale=attn.scale, enable_gqa=gqa)
         g = plan.decode
-        if g is not None:  # every decoding token in one call, each reading its own row (and its loop's slot)
+        if g is not None and g.only is not None:  # one decoding token (batch 1): views, no gathers or scatters
+            i, loop, row, p = g.only
+            s = pool.slot(layer_idx, loop if core else 0)
+            rk, rv = pool.k[s, row], pool.v[s, row]  # (Hkv, capacity, Dh)
+            kn, vn = k[0, :, i], v[0, :, i]  # (Hkv, Dh)
+            rk[:, p] = kn
+            rv[:, p] = vn
+            if shared_core and self.kv != "last":
+                pool.hold(j, g.rows, g.first, kn[None], vn[None])
+            yn = F.scaled_dot_product_attention(q[:, :, i : i + 1], rk[None, :, : g.T].values(), rv[None, :, : g.T].values(),
+                                                attn_mask=g.window_mask if attn.sliding else g.mask,
+                                                scale=attn.scale, enable_gqa=gqa)  # (1, H, 1, Dh)
+            if not plan.prefill:
+                return yn
+            y[:, :, i : i + 1] = yn
+        elif g is not None:  # every decoding token in one call, each reading its own row (and its loop's slot)
             base = pool.slot(layer_idx, 0)
             slots = base + g.loops if core and self.kv == "per_loop" else torch.full_like(g.rows, base)
             kn, vn = k[0, :, g.idx].transpose(0, 1), v[0, :, g.idx].transpose(0, 1)  # (n, Hkv, Dh)
@@ -551,6 +574,8 @@ class Engine:
             qn = q[0, :, g.idx].transpose(0, 1)[:, :, None]  # (n, H, 1, Dh)
             yn = F.scaled_dot_product_attention(qn, keys, vals, attn_mask=g.window_mask if attn.sliding else g.mask,
                                                 scale=attn.scale, enable_gqa=gqa)
+            if not plan.prefill:  # decoding tokens only: packed in group order
+                return yn[:, :, 0].transpose(0, 1)[None]
             y[0, :, g.idx] = yn[:, :, 0].transpose(0, 1)
         return y
 

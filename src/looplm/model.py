@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import LoopConfig
 from .exits import ExitPolicy, Static, parse_exit
+from .fused import Projection, can_pack
 from .loops import LoopRun
 
 if TYPE_CHECKING:
@@ -117,17 +118,18 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, S) → cos, sin (B, S, Dh) in `dtype` (computed in fp32, like HF)."""
+        """positions (B, S) → cos and the signed sin [−sin₁, sin₂] (B, S, Dh) in `dtype` (computed in fp32, like HF;
+        the sign is `apply_rope`'s rotate-half folded into the table)."""
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, S, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, Dh)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        cos, sin = (freqs.cos() * self.scaling).to(dtype), (freqs.sin() * self.scaling).to(dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, Dh); cos/sin (B, S, Dh). Half-split rotation (HF's rotate_half convention)."""
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, H, S, Dh); cos and the signed sin (B, S, Dh) of `Rotary`. Half-split rotation (HF's rotate_half):
+    x·cos + [−x₂, x₁]·[sin₁, sin₂], computed as x·cos + roll(x)·[−sin₁, sin₂]: the same products bit for bit,
+    in four kernels instead of six (decoding at batch 1 is bound by per-kernel overhead outside the matmuls)."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 # --------------------------------------------------------------------------- attention / mlp
@@ -150,12 +152,18 @@ class Attention(nn.Module):
         self.scale = (scalar if scalar is not None else self.head_dim) ** -0.5
         self.sliding = config.is_sliding(layer_idx)
         self.window = config.sliding_window
+        self.fast: tuple[Projection, Projection] | None = None  # (q|k|v, o), set by LoopedLM.fuse()
 
     def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim)  # (B, S, H, Dh)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)  # (B, S, Hkv, Dh)
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        fast = self.fast if self.fast is not None and not torch.is_grad_enabled() else None
+        if fast is not None:
+            q, k, v = fast[0](x).split(fast[0].sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, self.n_head, self.head_dim)  # (B, S, H, Dh)
+        k = k.view(B, S, self.n_kv, self.head_dim)  # (B, S, Hkv, Dh)
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh)
@@ -167,7 +175,8 @@ class Attention(nn.Module):
             if ctx.cache is not None:
                 k, v = ctx.cache.update(k, v, layer_idx, loop_idx, rows=ctx.rows)  # (B, Hkv, T, Dh), T = kept + S
             y = self.sdpa(q, k, v, view)  # (B, H, S, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        y = y.transpose(1, 2).reshape(B, S, -1)
+        return fast[1](y) if fast is not None else self.o_proj(y)
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: _Attend | _Context) -> torch.Tensor:
         """q (B, H, S, Dh), k and v (B, Hkv, T, Dh) → (B, H, S, Dh) under the view's mask (RoPE applied)."""
@@ -192,8 +201,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, I, bias=bias)
         self.down_proj = nn.Linear(I, D, bias=bias)
         self.act = ACTIVATION_FNS[config.hidden_act]
+        self.fast: tuple[Projection, Projection] | None = None  # (gate|up, down), set by LoopedLM.fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None and not torch.is_grad_enabled():
+            g, u = self.fast[0](x).chunk(2, dim=-1)
+            return self.fast[1](self.act(g) * u)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -308,6 +321,7 @@ class LoopedLM(nn.Module):
         self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fast_head: Projection | None = None  # set by fuse()
         self.reset_rotary()
         self.apply(self._init_weights)
 
@@ -440,8 +454,43 @@ class LoopedLM(nn.Module):
 
     # pieces of the pipeline, also driven loop by loop by the engine
 
+    def fuse(self, pack: bool | None = None) -> None:
+        """Fuse q|k|v and gate|up into one matmul each, and on a CPU whose oneDNN packs this dtype, pack every
+        projection and the head (`looplm.fused`; pack=None decides). Used with autograd off; idempotent."""
+        pack = can_pack(self.device.type, self.dtype) if pack is None else pack
+        if self.fast_head is not None and self.fast_head.packed == pack and self.fused_fresh():
+            return
+        projections = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.fast = Projection([a.q_proj, a.k_proj, a.v_proj], pack=pack), Projection([a.o_proj], pack=pack)
+            m.fast = Projection([m.gate_proj, m.up_proj], pack=pack), Projection([m.down_proj], pack=pack)
+            projections += [*a.fast, *m.fast]
+        self.fast_head = Projection([self.lm_head], pack=pack)
+        self._fast_params = [p for proj in projections + [self.fast_head] for lin in proj.linears
+                             for p in lin.parameters(recurse=False)]
+        self._fast_stamp = self._fused_stamp()
+
+    def unfuse(self) -> None:
+        """Drop fused projections (packed copies are freed; unpacked views stay views of one storage)."""
+        for layer in self.layers:
+            layer.self_attn.fast = layer.mlp.fast = None
+        self.fast_head = None
+
+    def _fused_stamp(self) -> list:
+        if self.fast_head.packed:  # a packed copy goes stale on any write; unpacked views only when replaced
+            return [(p.data_ptr(), p._version) for p in self._fast_params]
+        return [p.data_ptr() for p in self._fast_params]
+
+    def fused_fresh(self) -> bool:
+        """False once a fused parameter was replaced (`.to()`, `load_state_dict(assign=True)`) or, when packed,
+        written in place since `fuse()`."""
+        return self.fast_head is None or self._fused_stamp() == self._fast_stamp
+
     def embed(self, input_ids: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """Token embedding then the prelude: (B, S) → (B, S, D)."""
+        if self.fast_head is not None and not self.fused_fresh():  # parameters changed since fuse(): rebuild
+            self.fuse(self.fast_head.packed)
         x = self.token_embedding(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, i, 0)
@@ -501,6 +550,8 @@ class LoopedLM(nn.Module):
         """lm_head: (..., D) → (..., V). On CPU, a few rows against a large vocabulary run as W @ hᵀ: oneDNN's
         F.linear repacks the whole head per call for small M (SmolLM2, 49k × 576 fp32 on 2 cores: 42–47 ms
         for 4–16 rows, against 13–28 ms this way; one row is a matrix-vector product either way)."""
+        if self.fast_head is not None and self.fast_head.packed and not torch.is_grad_enabled():
+            return self.fast_head(h)
         w = self.lm_head.weight
         rows = h.reshape(-1, h.shape[-1])
         if rows.device.type == "cpu" and 1 < rows.shape[0] <= 64 and w.shape[0] > 8 * w.shape[1]:
