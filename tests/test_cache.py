@@ -79,8 +79,8 @@ def test_memory_is_one_over_R_of_per_loop_for_the_core():
 def test_kv_bytes_count_the_stored_positions():
     model = tiny_model()
     res = looplm.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=4, kv="last", stop_tokens=[])
-    # prompt (3, padded) + 3 fed-back tokens; the 4th new token is sampled but never fed
-    assert res.kv_bytes == res.kv_bytes_per_token * 2 * (3 + 3)
+    # each row holds its own prompt (3 and 2: no padding) + 3 fed-back tokens; the 4th is sampled, never fed
+    assert res.kv_bytes == res.kv_bytes_per_token * ((3 + 3) + (2 + 3))
 
 
 def test_with_one_loop_all_strategies_coincide():

@@ -171,13 +171,19 @@ def test_compute_done_equals_the_sum_of_exits(policy):
 
 
 def test_stopped_tokens_expose_their_deepest_kv_in_decode():
+    """Under per_loop, the slots of loops a decoded token skipped hold its deepest computed K/V (the engine's
+    pool keeps KVCache's commit rule; generate decodes through it)."""
     model = gated_model()
-    gen = looplm.stream(model, [[1, 2, 3, 4]], exit="q:0.5", kv="per_loop", max_new_tokens=8, stop_tokens=[])
-    res = gen.result()
-    cache, P = gen.cache, model.config.num_prelude_layers
-    depth = cache.depth[0, 4 : cache.length].tolist()  # decode positions: the tokens fed back
-    # new token i is fed back at position 4 + i - 1 and runs loops_per_token[i] loops there
-    assert depth == res.loops_per_token[0, 1 : 1 + len(depth)].tolist() and min(depth) < 4
+    engine = looplm.Engine(model, kv="per_loop", max_batch_size=1)
+    rid = engine.add_request([1, 2, 3, 4], exit="q:0.5", max_new_tokens=8, stop_tokens=[])
+    loops: list[int] = []
+    while len(loops) < 7:  # stop before the last token: a finished request's row is freed
+        for out in engine.step():
+            loops += out.loops
+    pool, P, row = engine.pool, model.config.num_prelude_layers, engine.requests[rid].row
+    # new token i was produced by feeding token i-1 at position 4 + i - 1, which ran loops[i] loops
+    depth = loops[1 : 1 + pool.lengths[row] - 4]
+    assert len(depth) == 6 and min(depth) < 4
     for t, e in enumerate(depth, start=4):
         for r in range(e, 4):  # every deeper slot holds the loop-e K/V
-            assert torch.equal(cache.k[cache.slot(P, r), 0, :, t], cache.k[cache.slot(P, e - 1), 0, :, t])
+            assert torch.equal(pool.k.data[pool.slot(P, r), row, :, t], pool.k.data[pool.slot(P, e - 1), row, :, t])

@@ -3,6 +3,7 @@
     model = looplm.load(path)                       # Ouro, looplm, or HF Llama-family dir (core=(i, j) to loop a block)
     out = model(input_ids, num_loops=4, return_loops=True)
     res = looplm.generate(model, prompts, max_new_tokens=64, exit="q:0.6", kv="last")
+    engine = looplm.Engine(model, kv="last", max_batch_size=32)   # requests join and leave at every step
     looplm.bundled_model_dir()                      # the small looped model that ships with looplm (looplm demo)
 
 `import looplm` imports nothing heavy (not even torch): each public name is imported from its module the
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 # public name → the module that defines it
 _SOURCES = {
+    "Engine": "batching", "RequestOutput": "batching",
     "KVCache": "cache",
     "Calibration": "calibrate", "calibrate": "calibrate",
     "CheckpointError": "checkpoint", "default_model_dir": "checkpoint", "load": "checkpoint",
@@ -40,6 +42,7 @@ _REGISTERS = ("load", "save")
 __all__ = sorted(_SOURCES, key=lambda n: (n[0].islower(), n))
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .batching import Engine, RequestOutput
     from .cache import KVCache
     from .calibrate import Calibration, calibrate
     from .checkpoint import CheckpointError, default_model_dir, load, load_tokenizer, save

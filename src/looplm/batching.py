@@ -64,6 +64,7 @@ class RequestOutput:
     kv_bytes: int = 0  # KV the request holds after this step (its pool row; + its prompt scratch while prefilling)
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix store (not computed)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per new token: the k likeliest
+    greedy: list[bool] = field(default_factory=list)  # per new token: it is the argmax (forced or sampled alike)
 
 
 @dataclass(eq=False)
@@ -78,6 +79,7 @@ class _Request:
     stop: frozenset[int]
     max_new_tokens: int
     top_logprobs: int = 0
+    force: list[int] | None = None  # tokens to emit instead of sampling (-1: sample there); done after the last
     row: int = -1
     cached: int = 0  # prompt positions loaded from the prefix store
     committed: int = 0  # prompt positions committed chunk by chunk (prefix_kv="committed")
@@ -203,8 +205,13 @@ class Engine:
                     num_loops: int | None = None, exit: str | ExitPolicy | None = None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                    request_id: str | None = None, top_logprobs: int = 0) -> str:
-        """Queue a request; returns its id. Every check happens here, so a bad request never enters a step."""
+                    request_id: str | None = None, top_logprobs: int = 0,
+                    force: Sequence[int | None] | None = None) -> str:
+        """Queue a request; returns its id. Every check happens here, so a bad request never enters a step.
+
+        force: the tokens to emit instead of sampling (teacher forcing: scoring, or the given turns of a
+        dialogue); None or -1 leaves a position to the model. The request ends after its last forced entry
+        (max_new_tokens is then len(force)) and stop tokens do not end it earlier."""
         cfg = self.config
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.dim() != 1:
@@ -218,6 +225,13 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {bad[:5]}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+        if force is not None:
+            force = [-1 if t is None else int(t) for t in force]
+            bad = [t for t in force if not -1 <= t < cfg.vocab_size]
+            if not force or bad:
+                raise ValueError(f"force must be a non-empty list of token ids in [0, {cfg.vocab_size}) or None/-1, "
+                                 f"got {bad[:5] if bad else force}")
+            max_new_tokens, stop_tokens = len(force), []
         if num_loops is not None and (not isinstance(num_loops, int) or isinstance(num_loops, bool)
                                       or not 1 <= num_loops <= self.max_loops):
             raise ValueError(f"num_loops must be an integer in [1, max_loops={self.max_loops}], got {num_loops!r}")
@@ -245,7 +259,7 @@ class Engine:
             gen = torch.Generator(device=self.model.device).manual_seed(int(seed))
         req = _Request(rid, next(self._order), prompt, R, policy,
                        dict(temperature=temperature, top_k=top_k, top_p=top_p), gen, frozenset(stop), max_new_tokens,
-                       top_logprobs)
+                       top_logprobs, force)
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
@@ -699,9 +713,12 @@ class Engine:
             return []
         logits = torch.stack([lg for _, lg, _ in emit])  # (n, V)
         logp = torch.log_softmax(logits.float(), -1)
-        tokens = logits.argmax(-1).tolist()  # greedy rows; sampled rows draw with their own generator
+        argmax = logits.argmax(-1).tolist()
+        tokens = list(argmax)  # greedy rows; sampled rows draw with their own generator; forced rows are given
         for i, (req, lg, _) in enumerate(emit):
-            if req.sampling["temperature"] > 0:
+            if req.force is not None and len(req.tokens) < len(req.force) and req.force[len(req.tokens)] >= 0:
+                tokens[i] = req.force[len(req.tokens)]
+            elif req.sampling["temperature"] > 0:
                 gens = None if req.generator is None else [req.generator]
                 tokens[i] = int(sample(lg[None], generators=gens, **req.sampling)[0])
         picked = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
@@ -716,5 +733,5 @@ class Engine:
                 vals, ids = logp[i].topk(req.top_logprobs)
                 top = [list(zip(ids.tolist(), vals.tolist()))]
             outputs.append(RequestOutput(req.id, [tok], [loops], [lp], reason is not None, reason, len(req.prompt),
-                                         self.request_kv_bytes(req.id), req.cached, top))
+                                         self.request_kv_bytes(req.id), req.cached, top, [tok == argmax[i]]))
         return outputs

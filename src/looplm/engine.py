@@ -1,8 +1,12 @@
-"""Batched generation with the loop-aware KV cache. Knows tokens, never text.
+"""Generation, streaming and scoring for a batch of prompts. Knows tokens, never text.
 
-One loop: prefill the (left-padded) prompts → sample → feed the sampled tokens → ... until every row
-has hit a stop token or max_new_tokens. `Generation` is the streaming iterator; `generate` runs it
-to the end and returns a `GenerateResult`.
+`generate`, `stream` and `score` are thin clients of the request-level `looplm.Engine` (looplm.batching):
+each row becomes a request of its own (no padding inside the engine), the engine runs them side by side,
+and `Generation` hands them back in lockstep, one `Step` (a token per row) at a time. A row's tokens and
+loops are the engine's, so they equal the row run alone. Scoring at static depth under `per_loop` (equal
+to a cache-free forward) takes one forward instead (`_score_forward`); every other score teacher-forces
+the continuation through the engine, so KV strategies and exits act exactly as in generation.
+Sampling (`sample`) and the shared checks live here.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import torch
 
 from .cache import KVCache, check_strategy
 from .exits import ExitPolicy
-from .loops import LoopRun
 from .model import LoopedLM
 
 
@@ -141,9 +144,6 @@ class GenerateResult:
 
 # --------------------------------------------------------------------------- the loop
 
-_PAST_FORCE = -2  # `force` padding after a row's last entry (-1 marks a position the model samples)
-
-
 def _clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
     if device.type == "cuda":
@@ -200,7 +200,7 @@ class Generation:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]")
         B, S = ids.shape
-        self.force = None
+        force_rows = None
         if S < 1 or bool((mask.sum(1) == 0).any()):
             raise ValueError("every prompt needs at least one token (a row of the attention mask is all 0)")
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
@@ -210,11 +210,8 @@ class Generation:
                 raise ValueError(f"force needs one non-empty token list per prompt ({B}), got {len(force)}")
             rows = [[-1 if t is None else int(t) for t in f] for f in force]
             check_token_ids([[t for t in f if t != -1] for f in rows], vocab, "forced tokens of row")
+            force_rows = rows
             max_new_tokens = max(len(f) for f in rows)
-            self.force = torch.full((B, max_new_tokens), _PAST_FORCE, dtype=torch.long)
-            for i, f in enumerate(rows):
-                self.force[i, : len(f)] = torch.as_tensor(f, dtype=torch.long)
-            self.force = self.force.to(model.device)
         limit, longest = cfg.max_position_embeddings, int(mask.sum(1).max())  # a row's positions count its tokens
         if longest > limit:
             raise ValueError(f"prompt of {longest} tokens exceeds the position limit max_position_embeddings={limit}")
@@ -232,14 +229,15 @@ class Generation:
         seeds = [seed] * B if seed is None or isinstance(seed, int) else list(seed)
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
-        self.generators = None
-        if temperature > 0 and seed is not None:
-            self.generators = [torch.Generator(device=model.device).manual_seed(int(s)) for s in seeds]
-        self.cache = KVCache(cfg, batch_size=B, max_len=S + max_new_tokens, num_loops=self.num_loops,
-                             strategy=kv, dtype=model.dtype, device=model.device)
+        # each row is a request of its own (no padding inside the engine); rows with forced tokens end after them
+        self.prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        self.row_force = [None] * B if force_rows is None else force_rows
+        self.seeds = seeds if temperature > 0 and seed is not None else [None] * B
+        self.stop_tokens = [int(t) for t in self.stop.tolist()]
         self.steps: list[Step] = []
         self.decode_core_layer_evals = 0  # (row, core layer) evaluations in decode steps: the compute spent
         self.prefill_seconds = self.decode_seconds = 0.0
+        self.kv_bytes = self.kv_allocated_bytes = self.kv_bytes_per_token = 0
         self._iter: Iterator[Step] | None = None
 
     def __iter__(self) -> Iterator[Step]:
@@ -247,78 +245,49 @@ class Generation:
             self._iter = self._run()
         return self._iter
 
-    @torch.inference_mode()
     def _run(self) -> Iterator[Step]:
-        model, R = self.model, self.num_loops
-        B = self.ids.shape[0]
-        dev = self.ids.device
+        """Every row is a request of one `looplm.Engine` (rows never wait for each other inside it); a `Step` is
+        yielded once every unfinished row has its token at that index."""
+        from .batching import Engine  # the engine imports sampling from here
+
+        model, B, dev = self.model, len(self.prompts), self.ids.device
+        need = sum(len(p) for p in self.prompts) + B * self.max_new_tokens
+        engine = Engine(model, kv=self.kv, max_loops=self.num_loops, max_batch_size=B, max_tokens=need,
+                        max_step_tokens=sum(len(p) for p in self.prompts) + B)  # every prompt in the first step
+        exit = self.policy if self.policy is not None else None
+        for i, (prompt, force, seed) in enumerate(zip(self.prompts, self.row_force, self.seeds)):
+            engine.add_request(prompt, max_new_tokens=self.max_new_tokens, num_loops=self.num_loops, exit=exit,
+                               seed=seed, stop_tokens=self.stop_tokens, request_id=str(i), force=force,
+                               **self.sampling)
+        got: list[list[tuple[int, int, float, bool]]] = [[] for _ in range(B)]  # (token, loops, logprob, greedy)
+        done = [False] * B
+        self.kv_bytes_per_token = engine.pool.bytes_per_token
         t0 = _clock(dev)
-        # prefill: every prompt position runs every loop (each loop keeps its KV inside the prompt);
-        # the first new token comes from the last position's own exit loop
-        out = model(self.ids, attention_mask=self.mask, num_loops=R, exit=self.policy, cache=self.cache,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1]
-        loops = out.exit_loop[:, -1] if out.exit_loop is not None else torch.full((B,), R, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.prefill_seconds = _clock(dev) - t0
-        t0 = _clock(dev)
-        tokens = None
         for index in range(self.max_new_tokens):
-            if tokens is not None:
-                logits, loops = self._decode_step(tokens, ~finished)
-            active = ~finished
-            if self.force is None:
-                tokens = sample(logits, generators=self.generators, **self.sampling)
-                stops = torch.isin(tokens, self.stop)
-            else:
-                forced = self.force[:, index]
-                tokens = forced.clamp(min=0)
-                if bool((forced == -1).any()):  # positions left to the model
-                    tokens = torch.where(forced == -1, sample(logits, generators=self.generators, **self.sampling),
-                                         tokens)
-                stops = ((self.force[:, index + 1 :] == _PAST_FORCE).all(1) if index + 1 < self.max_new_tokens
-                         else active)
-            tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad))
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
-            greedy = logits.argmax(-1) == tokens
-            step = Step(index, tokens, active, torch.where(active, loops, 0), torch.where(active, logp, 0.0),
-                        greedy & active)
+            while not all(done[i] or len(got[i]) > index for i in range(B)):
+                for out in engine.step():
+                    i = int(out.request_id)
+                    got[i] += zip(out.new_tokens, out.loops, out.logprobs, out.greedy)
+                    if out.finished:
+                        done[i] = True
+                        self.kv_bytes += out.kv_bytes
+                self.kv_allocated_bytes = max(self.kv_allocated_bytes, engine.stats()["kv_allocated_bytes"])
+            active = [len(g) > index for g in got]
+            cols = [g[index] if a else (self.pad, 0, 0.0, False) for g, a in zip(got, active)]
+            tokens, loops, logprobs, greedy = (list(c) for c in zip(*cols))
+            step = Step(index, torch.tensor(tokens, device=dev), torch.tensor(active, device=dev),
+                        torch.tensor(loops, device=dev), torch.tensor(logprobs, device=dev), torch.tensor(greedy, device=dev))
             self.steps.append(step)
-            finished = finished | (active & stops)
-            # the time a consumer spends between steps is not ours
-            self.decode_seconds += _clock(dev) - t0
+            self.decode_core_layer_evals = engine.decode_core_layer_evals
+            now = _clock(dev)
+            if index == 0:
+                self.prefill_seconds = now - t0
+            else:  # the time a consumer spends between steps is not ours
+                self.decode_seconds += now - t0
             yield step
             t0 = _clock(dev)
-            if bool(finished.all()):
+            if all(done[i] and len(got[i]) <= index + 1 for i in range(B)):
                 break
-
-    def _decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new token per active row. Rows leave the loop when their policy fires: each loop runs the core
-        on the rows still looping only (no full-batch loops under a mask; `LoopRun(drop=True)`).
-        Returns logits (B, V) (zeros for inactive rows) and the loops each row ran (B,)."""
-        model, cache, R = self.model, self.cache, self.num_loops
-        B = tokens.shape[0]
-        rows = active.nonzero().squeeze(1)  # (n,) rows that are not finished
-        ctx = model.context(tokens[:, None], active[:, None].long(), cache, R)
-        full = ctx if len(rows) == B else ctx.select(rows)
-        x = model.embed(tokens[rows, None], full)  # (n, 1, D)
-        run = LoopRun(model, x, full, R, policy=self.policy, drop=True)
-        logits_rows = None  # (n, V) each row's logits at its exit, when the policy reads per-loop logits
-        for loop in run:
-            if loop.logits is not None:
-                if logits_rows is None:
-                    logits_rows = loop.logits.new_zeros(len(rows), loop.logits.shape[-1])
-                out = loop.exits[:, -1]
-                logits_rows[loop.rows[out]] = loop.logits[out, -1]
-        self.decode_core_layer_evals += run.core_layer_evals
-        if logits_rows is None:  # the coda (if any) runs here on each row's exit state
-            logits_rows = model.readout(run.exit_hidden, full)[:, -1]
-        loops = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        loops[rows] = run.exit_loop[:, -1]
-        cache.commit(exit_loops=loops[:, None])
-        logits = logits_rows.new_zeros(B, logits_rows.shape[-1])
-        logits[rows] = logits_rows
-        return logits, loops
 
     def result(self) -> GenerateResult:
         for _ in self:
@@ -342,9 +311,9 @@ class Generation:
             greedy=greedy,
             finish_reasons=reasons,
             kv_strategy=self.kv,
-            kv_bytes=self.cache.kv_bytes,
-            kv_bytes_per_token=self.cache.bytes_per_token,
-            kv_allocated_bytes=self.cache.nbytes,
+            kv_bytes=self.kv_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            kv_allocated_bytes=self.kv_allocated_bytes,
             prompt_tokens=int(self.mask.sum()),
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
