@@ -1,7 +1,6 @@
 """Gemma-3 and Qwen3 as data in the config (issue 12): tiny random HF models ≡ looplm, sliding windows
 in prefill and through a cache that keeps only the window, a looped block ≡ duplicated layers."""
 
-import functools
 
 import pytest
 import torch
@@ -127,10 +126,13 @@ def test_a_looped_block_equals_the_duplicated_layers(pair):
 def test_the_cache_keeps_only_the_window(pair):
     ref, path = pair
     model = looplm.load(path, core=(1, 4), num_loops=3)
-    gen = looplm.stream(model, [[5] * 12], max_new_tokens=10, kv="per_loop", stop_tokens=[])
-    gen.result()
-    cache = gen.cache
     cfg = model.config
+    # KVCache (model.forward's cache): a 12-token prefill, then 9 tokens fed one at a time
+    cache = looplm.KVCache(cfg, batch_size=1, max_len=21, num_loops=3, strategy="per_loop")
+    with torch.no_grad():
+        model(torch.full((1, 12), 5), cache=cache)
+        for _ in range(9):
+            model(torch.full((1, 1), 5), cache=cache)
     n_sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_layers))
     if not n_sliding:
         assert cache.num_local_slots == 0 and cache.k_local.numel() == 0
@@ -153,23 +155,34 @@ def _sliding_tiny(**overrides):
 
 
 @pytest.mark.parametrize("kv", looplm.cache.STRATEGIES)
-@pytest.mark.parametrize("policy", [None, "q:0.5", "conv:0.3|kl:0.05,min=2"])
-def test_the_ring_equals_keeping_every_position(monkeypatch, kv, policy):
-    """Sliding layers through the window-sized ring ≡ the same layers keeping every position (the window
-    applied by the mask), with per-token exits (rows leave the loop early) and chunks longer than the window."""
+def test_the_ring_equals_keeping_every_position(kv):
+    """KVCache's sliding layers through the window-sized ring ≡ the same layers keeping every position (the
+    window applied by the mask): a prefill longer than the window, then tokens fed one at a time."""
     model = _sliding_tiny()
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (8, 2, 5)]
-    kw = dict(exit=policy, kv=kv, max_new_tokens=9, temperature=0.9, seed=11, stop_tokens=[])
-    ring = looplm.generate(model, prompts, **kw)
-    monkeypatch.setattr(looplm.engine, "KVCache", functools.partial(looplm.KVCache, sliding_ring=False))
-    full = looplm.generate(model, prompts, **kw)
-    assert ring.new_tokens == full.new_tokens
-    assert ring.loops_per_token.tolist() == full.loops_per_token.tolist()
-    torch.testing.assert_close(ring.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
-    if policy is not None:
-        assert len(set(ring.loops_per_token.flatten().tolist())) > 1  # exits really differ
-    assert ring.kv_bytes < full.kv_bytes
+    ids = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(7))
+    logits, nbytes = {}, {}
+    for ring in (True, False):
+        cache = looplm.KVCache(model.config, batch_size=2, max_len=14, num_loops=4, strategy=kv, sliding_ring=ring)
+        with torch.no_grad():
+            outs = [model(ids[:, :8], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits
+                                                               for t in range(8, 14)]
+        logits[ring], nbytes[ring] = torch.cat(outs, 1), cache.kv_bytes
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    assert nbytes[True] < nbytes[False]
+
+
+def test_sliding_generation_equals_cache_free_forwards():
+    """generate (the engine's pool: full rows, the window by mask) ≡ greedy decoding that re-runs a cache-free
+    forward over the whole sequence for every token (per_loop, static depth: the two compute the same)."""
+    model = _sliding_tiny()
+    prompts = [[5, 9, 2, 7, 1, 8, 3], [4, 4]]
+    res = looplm.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    for prompt, new in zip(prompts, res.new_tokens):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert new == seq[len(prompt):]
 
 
 def test_chunked_prefill_through_the_ring_equals_one_pass():
