@@ -316,6 +316,13 @@ def load(path: str | os.PathLike, *, core: tuple[int, int] | None = None, num_lo
     return model
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A tensor safetensors can write: contiguous, on the CPU, and not a view into a larger storage (fused
+    projections make q/k/v and gate/up views of one weight, `looplm.fused`)."""
+    t = t.detach().contiguous().cpu()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
 def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
          tokenizer=None, task: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a looplm dir (config.json + model.safetensors [+ tokenizer files] [+ looplm_task.json]) atomically.
@@ -332,7 +339,7 @@ def save(model: LoopedLM, path: str | os.PathLike, *, tokenizer_from: str | os.P
     path = check_output(path, ours=is_looplm_checkpoint, what="a looplm checkpoint", overwrite=overwrite)
     src = tokenizer_from or getattr(model, "name_or_path", None)
     config = {"model_type": "looplm", "architectures": ["LoopLMForCausalLM"], **model.config.to_dict()}
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": _own(v) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("model.lm_head.weight")  # safetensors stores no shared tensors; re-tied on load
 

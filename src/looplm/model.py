@@ -458,7 +458,7 @@ class LoopedLM(nn.Module):
         """Fuse q|k|v and gate|up into one matmul each, and on a CPU whose oneDNN packs this dtype, pack every
         projection and the head (`looplm.fused`; pack=None decides). Used with autograd off; idempotent."""
         pack = can_pack(self.device.type, self.dtype) if pack is None else pack
-        if self.fast_head is not None and self.fast_head.packed == pack and self.fused_fresh():
+        if self.fast_head is not None and self._fuse_pack == pack and self.fused_fresh():
             return
         projections = []
         for layer in self.layers:
@@ -467,8 +467,9 @@ class LoopedLM(nn.Module):
             m.fast = Projection([m.gate_proj, m.up_proj], pack=pack), Projection([m.down_proj], pack=pack)
             projections += [*a.fast, *m.fast]
         self.fast_head = Projection([self.lm_head], pack=pack)
-        self._fast_params = [p for proj in projections + [self.fast_head] for lin in proj.linears
-                             for p in lin.parameters(recurse=False)]
+        projections.append(self.fast_head)
+        self._fuse_pack, self._fast_packed = pack, any(p.packed for p in projections)
+        self._fast_params = [p for proj in projections for lin in proj.linears for p in lin.parameters(recurse=False)]
         self._fast_stamp = self._fused_stamp()
 
     def unfuse(self) -> None:
@@ -478,7 +479,7 @@ class LoopedLM(nn.Module):
         self.fast_head = None
 
     def _fused_stamp(self) -> list:
-        if self.fast_head.packed:  # a packed copy goes stale on any write; unpacked views only when replaced
+        if self._fast_packed:  # a packed copy goes stale on any write; unpacked views only when replaced
             return [(p.data_ptr(), p._version) for p in self._fast_params]
         return [p.data_ptr() for p in self._fast_params]
 
@@ -490,7 +491,7 @@ class LoopedLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, ctx: _Context) -> torch.Tensor:
         """Token embedding then the prelude: (B, S) → (B, S, D)."""
         if self.fast_head is not None and not self.fused_fresh():  # parameters changed since fuse(): rebuild
-            self.fuse(self.fast_head.packed)
+            self.fuse(self._fuse_pack)
         x = self.token_embedding(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, i, 0)
