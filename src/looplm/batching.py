@@ -605,7 +605,7 @@ class Engine:
         starting = [it for it in items if it.loop == 0]
         if starting:  # embedding and prelude, once per token
             ids = torch.tensor([t for it in starting for t in it.ids], device=model.device)[None]
-            h = model.embed(ids, self._context(starting))[0]
+            h = model.embed(ids, self._context(starting) if model.prelude else None)[0]  # a context for the prelude
             for it, part in zip(starting, h.split([it.size for it in starting])):
                 it.x = it.e = part
                 if it.req.policy is not None:
@@ -633,7 +633,7 @@ class Engine:
         sub = [it for it in items if it.req.policy is not None and "logits" in it.req.policy.needs]
         loop_logits: dict[int, torch.Tensor] = {}  # id(item) → (S, V)
         if sub:
-            lg = model.readout(torch.cat([it.x for it in sub])[None], self._context(sub))[0]
+            lg = model.readout(torch.cat([it.x for it in sub])[None], self._context(sub) if model.coda else None)[0]
             loop_logits = {id(it): part for it, part in zip(sub, lg.split([it.size for it in sub]))}
         exiting: list[_Item] = []  # decoding tokens that leave the loop now
         finishing: list[_Item] = []  # prompt chunks that ran their last loop
@@ -663,7 +663,8 @@ class Engine:
                     keep.append(off + it.size - 1)
                 off += it.size
             h = torch.cat([it.exit_h if it.prefill and it.exit_h is not None else it.x for it in read])
-            lg = model.readout(h[None], self._context(read), torch.tensor(keep, dtype=torch.long, device=h.device))[0]
+            lg = model.readout(h[None], self._context(read) if model.coda else None,
+                              torch.tensor(keep, dtype=torch.long, device=h.device))[0]
             rows = iter(lg)
             for it in read:
                 if not it.prefill or it.final:

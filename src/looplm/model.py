@@ -347,17 +347,18 @@ class LoopedLM(nn.Module):
 
     # layer groups (views into self.layers: the weights exist once)
     @property
-    def prelude(self) -> list[Layer]:
-        return list(self.layers[: self.config.num_prelude_layers])
+    def prelude(self) -> list[Layer]:  # (indexing, not slicing: a ModuleList slice builds a new module per call)
+        return [self.layers[i] for i in range(self.config.num_prelude_layers)]
 
     @property
     def core(self) -> list[Layer]:
         P = self.config.num_prelude_layers
-        return list(self.layers[P : P + self.config.num_core_layers])
+        return [self.layers[i] for i in range(P, P + self.config.num_core_layers)]
 
     @property
     def coda(self) -> list[Layer]:
-        return list(self.layers[self.config.num_prelude_layers + self.config.num_core_layers :])
+        return [self.layers[i] for i in range(self.config.num_prelude_layers + self.config.num_core_layers,
+                                              len(self.layers))]
 
     @property
     def device(self) -> torch.device:
@@ -608,7 +609,7 @@ class LoopedLM(nn.Module):
         """(mask (B, 1, S, kept + S) or None, is_causal) for S new positions after `past` ones, of which the
         keys hold the last `kept`. Key columns are cache positions: a left-padded row's tokens are contiguous,
         so a column distance is a position distance. window: a query sees keys less than `window` back."""
-        B, dev = key_valid.shape[0], key_valid.device
+        dev = key_valid.device
         all_valid = bool(key_valid.all())
         if window is None and all_valid and (past == 0 or S == 1):
             return None, past == 0 and S > 1

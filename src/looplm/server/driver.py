@@ -18,7 +18,6 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .metrics import Metrics
@@ -35,7 +34,16 @@ class Aborted:
 @dataclass(eq=False)
 class _Sub:
     kv: str
-    deliver: Callable[[object], None]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+
+    def deliver(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+    for out, item in pairs:
+        out.put_nowait(item)
 
 
 class Driver:
@@ -83,10 +91,7 @@ class Driver:
                                code="queue_full")
             self._queued += 1
 
-        def deliver(item: object) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-
-        self._commands.put(("add", kv, request_id, prompt, args, deliver))
+        self._commands.put(("add", kv, request_id, prompt, args, _Sub(kv, loop, out)))
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is (no-op once it finished); its KV row is freed before the next step."""
@@ -118,15 +123,15 @@ class Driver:
 
     def _command(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, kv, rid, prompt, args, deliver = cmd
+            _, kv, rid, prompt, args, sub = cmd
             try:
                 self.engines[kv].add_request(prompt, request_id=rid, **args)
-                self._subs[rid] = _Sub(kv, deliver)
+                self._subs[rid] = sub
             except ValueError as e:  # checked at the edge already; what is left is still the client's input
-                deliver(APIError(str(e), param=_param_of(str(e)), code="invalid_value"))
+                sub.deliver(APIError(str(e), param=_param_of(str(e)), code="invalid_value"))
             except Exception as e:  # noqa: BLE001 — one bad request must not end the thread
                 log.error("add_request failed: %s", traceback.format_exc())
-                deliver(APIError(f"internal error: {e}", status=500, type="server_error"))
+                sub.deliver(APIError(f"internal error: {e}", status=500, type="server_error"))
             finally:
                 with self._lock:
                     self._queued -= 1
@@ -153,15 +158,18 @@ class Driver:
                     sub.deliver(APIError(f"internal error in the engine: {e}", status=500, type="server_error"))
                     del self._subs[rid]
             return
+        batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop per step, not per token
         for out in outputs:
             sub = self._subs.get(out.request_id)
             if sub is None:
                 continue
             if self.metrics is not None and out.loops:
                 self.metrics.tokens(kv, out.loops)
-            sub.deliver(out)
+            batches.setdefault(sub.loop, []).append((sub.out, out))
             if out.finished:
                 del self._subs[out.request_id]
+        for loop, pairs in batches.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     def _update_stats(self) -> None:
         waiting = 0
