@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import check_sampling, sample, stop_tokens_for
-from .exits import ExitPolicy, LoopTracker
+from .exits import ExitPolicy, LoopTracker, QExit
 from .loops import first_exits
 from .model import LoopedLM, _Attend, _Context
 from .pool import KV, KVPool, parse_kv
@@ -516,11 +516,9 @@ class Engine:
 
     def _group(self, members: list[tuple[_Item, int]]) -> _Group:
         dev = self.model.device
-        loops = torch.tensor([it.loop for it, _ in members], device=dev)
-        idx = torch.tensor([o for _, o in members], device=dev)
-        rows = torch.tensor([it.req.row for it, _ in members], device=dev)
         starts = [it.start for it, _ in members]
-        pos = torch.tensor(starts, device=dev)
+        loops, idx, rows, pos = torch.tensor([[it.loop for it, _ in members], [o for _, o in members],
+                                              [it.req.row for it, _ in members], starts], device=dev)  # one copy
         T = max(starts) + 1
         keys = torch.arange(T, device=dev)[None]
         seen = keys <= pos[:, None]  # (n, T)
@@ -593,6 +591,32 @@ class Engine:
             y[0, :, g.idx] = yn[:, :, 0].transpose(0, 1)
         return y
 
+    def _gate_exits(self, items: list[_Item], lam: torch.Tensor | None, sizes: list[int]) -> dict[int, bool]:
+        """Q-exit for every decoding token whose policy reads only the gate, in a few batched ops instead of a
+        handful per token: the same fp32 updates as `LoopTracker.step` (cdf += λ·S, S ·= 1 − λ; elementwise,
+        so bit for bit what each token's own tracker computes), then `ExitPolicy.exits`'s bounds.
+        Returns {item index: exits now}; the items' trackers hold their new state."""
+        pick = [i for i, it in enumerate(items) if not it.prefill and it.req.policy is not None
+                and type(it.req.policy) is QExit]
+        if not pick or lam is None:
+            return {}
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        dev = lam.device
+        lam_n = lam[torch.tensor([offsets[i] for i in pick], device=dev)].float()
+        trackers = [items[i].tracker for i in pick]
+        surv = torch.cat([t.survival for t in trackers])
+        cdf = torch.cat([t.cdf for t in trackers]) + lam_n * surv
+        surv = surv * (1 - lam_n)
+        q = torch.tensor([items[i].req.policy.value for i in pick], dtype=torch.float32, device=dev)
+        fires = (cdf >= q).tolist()
+        out = {}
+        for i, t, c, sv, f in zip(pick, trackers, cdf.split(1), surv.split(1), fires):
+            t.cdf, t.survival = c, sv
+            policy, loop, R = items[i].req.policy, items[i].loop + 1, items[i].req.num_loops
+            last = min(R, policy.max_loops or R)
+            out[i] = loop >= last if (loop >= last or loop < policy.min_loops) else f
+        return out
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Admit, run one core pass over every item, read out and sample the items that exit."""
@@ -617,7 +641,7 @@ class Engine:
         x = torch.cat([it.x for it in items])
         e = torch.cat([it.e for it in items])
         if cfg.injection != "none" and any(it.loop > 0 for it in items):
-            later = torch.cat([torch.full((it.size,), it.loop > 0, dtype=torch.bool) for it in items]).to(x.device)
+            later = torch.tensor([f for it in items for f in [it.loop > 0] * it.size], device=x.device)
             x = torch.where(later[:, None], model.inject(x, e, 1), x)
         x = model.core_loop(x[None], e[None], self._context(items), 0)[0]
         sizes = [it.size for it in items]
@@ -637,8 +661,14 @@ class Engine:
             loop_logits = {id(it): part for it, part in zip(sub, lg.split([it.size for it in sub]))}
         exiting: list[_Item] = []  # decoding tokens that leave the loop now
         finishing: list[_Item] = []  # prompt chunks that ran their last loop
+        gated = self._gate_exits(items, lam, sizes)  # decoding tokens under Q-exit, decided in one batch
         for i, it in enumerate(items):
             req, loop = it.req, it.loop + 1
+            if not it.prefill and (req.policy is None or i in gated):  # one token: the decision as a bool
+                if loop >= req.num_loops if req.policy is None else gated[i]:
+                    exiting.append(it)
+                it.loop = loop
+                continue
             if req.policy is None:
                 done = torch.full((it.size,), loop >= req.num_loops, dtype=torch.bool)
             else:

@@ -30,6 +30,23 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Detok
 log = logging.getLogger("looplm.server")
 STATIC = Path(__file__).parent / "static"
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards (health, metrics and the page stay open)
+
+
+class _Auth:
+    """--api-key: requests to PROTECTED paths need `Authorization: Bearer <key>`, else a 401 in OpenAI's shape."""
+
+    def __init__(self, app, *, api_key: str):
+        self.app, self.want = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
+            got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if got != self.want:
+                err = APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512  # chat has no default in OpenAI's API: what the context leaves, at most this
 
@@ -143,14 +160,8 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         msg = f"{param}={value!r}: {err.get('msg')}" if param else str(err.get("msg"))
         return JSONResponse(APIError(msg, param=param, code="invalid_value").body(), status_code=400)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if opts.api_key and request.url.path.startswith(PROTECTED):
-            if request.headers.get("authorization", "") != f"Bearer {opts.api_key}":
-                err = APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", status=401,
-                               code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if opts.api_key:  # a plain ASGI middleware: Starlette's BaseHTTPMiddleware would relay every SSE chunk
+        app.add_middleware(_Auth, api_key=opts.api_key)  # through a task and a memory stream
 
     @app.get("/health")
     async def health():
