@@ -184,6 +184,8 @@ def test_truncate_rolls_a_request_back():
     (dict(prompt=list(range(1, 60)), max_new_tokens=10), r"max_position_embeddings=64"),
     (dict(max_new_tokens=0), r"max_new_tokens must be an integer ≥ 1, got 0"),
     (dict(temperature=-1.0), r"temperature must be ≥ 0, got -1.0"),
+    (dict(force=[5, None, 61]), r"force must be .* got \[61\]"),
+    (dict(force=[]), r"force must be a non-empty list"),
 ])
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(bad, match):
     model = tiny_model()  # no exit gate
@@ -252,3 +254,22 @@ def test_top_logprobs_are_the_likeliest_under_the_model():
         vals, ids = logp[len(prompt) - 1 + i].topk(5)
         assert [t for t, _ in top] == ids.tolist() and top[0][0] == o.new_tokens[0]
         torch.testing.assert_close(torch.tensor([v for _, v in top]), vals, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_tokens_are_emitted_and_the_rest_sampled():
+    """force: given tokens are emitted as they are (their log p under the model reported), None leaves a position
+    to the model, the request ends after the last entry whatever the stop tokens; `greedy` says argmax."""
+    model = tiny_model()
+    engine = Engine(model, kv="per_loop", max_loops=4)  # per_loop: a decoded token sees what a prompt token sees
+    free = engine.add_request([1, 2, 3], max_new_tokens=4, stop_tokens=[])
+    forced = engine.add_request([1, 2, 3], force=[7, None, 9, 9], stop_tokens=[9])
+    outs: dict[str, list] = {free: [], forced: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    toks = {rid: [t for o in os_ for t in o.new_tokens] for rid, os_ in outs.items()}
+    assert toks[forced][0] == 7 and toks[forced][2:] == [9, 9] and outs[forced][-1].finish_reason == "length"
+    assert all(o.greedy == [True] for o in outs[free])  # greedy decoding: every token is the argmax
+    # position 1 was left to the model: greedy after the forced 7, i.e. what a request whose prompt ends in 7 picks
+    after7 = alone(model, [1, 2, 3, 7], "per_loop", dict(max_new_tokens=1))[0]
+    assert toks[forced][1] == after7[0] and outs[forced][1].greedy == [True]

@@ -254,9 +254,8 @@ class Generation:
         need = sum(len(p) for p in self.prompts) + B * self.max_new_tokens
         engine = Engine(model, kv=self.kv, max_loops=self.num_loops, max_batch_size=B, max_tokens=need,
                         max_step_tokens=sum(len(p) for p in self.prompts) + B)  # every prompt in the first step
-        exit = self.policy if self.policy is not None else None
         for i, (prompt, force, seed) in enumerate(zip(self.prompts, self.row_force, self.seeds)):
-            engine.add_request(prompt, max_new_tokens=self.max_new_tokens, num_loops=self.num_loops, exit=exit,
+            engine.add_request(prompt, max_new_tokens=self.max_new_tokens, num_loops=self.num_loops, exit=self.policy,
                                seed=seed, stop_tokens=self.stop_tokens, request_id=str(i), force=force,
                                **self.sampling)
         got: list[list[tuple[int, int, float, bool]]] = [[] for _ in range(B)]  # (token, loops, logprob, greedy)
