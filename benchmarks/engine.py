@@ -14,6 +14,8 @@
    waiting when the previous batch ends, one call per distinct budget, since a batch has one budget).
 3. batch1 — decode tokens/s at batch 1, SmolLM2-135M unlooped (equal depth) through the engine against
    transformers' LlamaForCausalLM (greedy loop over a DynamicCache), each in --dtypes.
+4. matmul (not in the default parts) — every projection of the model through `F.linear` against the
+   oneDNN-packed weights the engine uses (`looplm.fused`), at 1, 4, 16 and 256 rows.
 
     python benchmarks/engine.py                       # all parts, fp32 on CPU
     python benchmarks/engine.py --parts exits --dtype bfloat16
@@ -261,6 +263,52 @@ def part_batch1(args, path: str) -> list[dict]:
     return figures
 
 
+def part_matmul(args, path: str) -> list[dict]:
+    """Every projection of the model (q|k|v and gate|up fused, o, down, the head) for a few row counts: `F.linear`
+    on the checkpoint's layout against oneDNN-packed weights (`looplm.fused`), alternated, median of --repeats."""
+    import torch.nn.functional as F
+
+    from looplm.fused import Projection, can_pack
+
+    model = looplm.load(path, dtype=torch.float32)
+    if not can_pack("cpu", torch.float32):
+        print("\n[matmul] oneDNN cannot pack fp32 here: skipped")
+        return []
+    groups = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
+    groups.append([model.lm_head])
+    dense = [(torch.cat([lin.weight.detach() for lin in g]), g[0].in_features) for g in groups]
+    packed = [Projection(g, pack=True) for g in groups]
+    print(f"\n[matmul] {len(groups)} projections of {path} (fp32, {torch.get_num_threads()} threads), ms per pass over all, "
+          f"median of {args.repeats}")
+    print(f"{'rows':>5} {'F.linear':>9} {'packed':>8} {'ratio':>6}")
+    figures = []
+    with torch.inference_mode():
+        for rows in (1, 4, 16, 256):
+            xs = {d: torch.randn(1, rows, d) for d in {d for _, d in dense}}
+            def lin() -> float:
+                t0 = time.perf_counter()
+                for w, d in dense:
+                    F.linear(xs[d], w)
+                return time.perf_counter() - t0
+            def pk() -> float:
+                t0 = time.perf_counter()
+                for p, (_, d) in zip(packed, dense):
+                    p(xs[d])
+                return time.perf_counter() - t0
+            lin(), pk()  # warm-up
+            a, b = [], []
+            for _ in range(max(3, args.repeats)):
+                a.append(lin())
+                b.append(pk())
+            ta, tb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
+            figures.append(dict(part="matmul", rows=rows, linear_ms=ta, packed_ms=tb, ratio=ta / tb))
+            print(f"{rows:>5} {ta:>9.1f} {tb:>8.1f} {ta / tb:>5.2f}x")
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="exits,poisson,batch1")
@@ -295,6 +343,8 @@ def main() -> None:
             figures += part_poisson(args, model, R)
     if "batch1" in parts:
         figures += part_batch1(args, path)
+    if "matmul" in parts:
+        figures += part_matmul(args, path)
     print_result({**vars(args), "model": path}, figures)
 
 
