@@ -82,3 +82,18 @@ def test_training_and_saving_a_fused_model(tmp_path):
     looplm.save(model, tmp_path / "m")
     back = looplm.load(tmp_path / "m")
     torch.testing.assert_close(_logits(back, ids), fused_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_pack)])
+def test_a_copy_of_a_fused_model_is_fused_over_its_own_weights(monkeypatch, pack):
+    import copy
+
+    monkeypatch.setattr(fused, "PACK_MIN_ELEMENTS", 0)
+    model = tiny_model()
+    model.fuse(pack=pack)
+    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(twin, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        twin.layers[0].mlp.gate_proj.weight.mul_(2.0)  # the copy's weights, not the original's
+    assert not torch.allclose(_logits(twin, ids), _logits(model, ids))

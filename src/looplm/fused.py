@@ -82,5 +82,7 @@ class Projection:
             return self.linears[0](x)
         return F.linear(x, self.weight, self.bias)
 
-    def __deepcopy__(self, memo):  # a copied model starts unfused (its parameters are new tensors)
-        return None
+    def __deepcopy__(self, memo):  # over the copied Linear layers (a copied model's own parameters)
+        import copy
+
+        return Projection([copy.deepcopy(m, memo) for m in self.linears], pack=self.packed)
