@@ -78,8 +78,22 @@ def test_playground_chat_renders_tokens_colored_by_loops(page):
         page.screenshot(path=shot, full_page=True)
 
 
-def test_playground_shows_kv_bytes_while_a_request_runs(page):
-    """A long request on per_loop: the page's KV counter (polled from /metrics) goes above 0, then back to 0."""
+def test_playground_shows_kv_bytes_while_a_request_runs(page, server):
+    """While requests run on per_loop, the page's KV counter (polled from /metrics every 500 ms) goes above 0, then
+    back to 0. Besides the page's own request, 64 more (6,400 tokens at 4 loops, seconds of work) keep KV held
+    across many polls, so the page sees it whatever the machine's speed (one request alone can end between two
+    polls)."""
+    import concurrent.futures
+
+    import httpx
+
+    body = dict(prompt="a=1;b=a;c=b;c", max_tokens=100, ignore_eos=True, kv="per_loop", num_loops=4)
+
+    def one(_):
+        return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).status_code
+
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    load = [pool.submit(one, i) for i in range(64)]
     page.select_option("#kv", "per_loop")
     page.select_option("#loops", "4")
     page.fill("#exit", "")
@@ -90,6 +104,9 @@ def test_playground_shows_kv_bytes_while_a_request_runs(page):
     }).observe(document.querySelector('#kv_bytes'), { childList: true, characterData: true, subtree: true }); }""")
     page.fill("#prompt", PROBLEMS[1])
     page.click("#send")
+    page.wait_for_function("window.kvSeen > 0", timeout=60_000)
     page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    assert [f.result() for f in load] == [200] * 64
+    pool.shutdown()
     page.wait_for_function("document.querySelector('#kv_bytes').textContent === '0'", timeout=10_000)
     assert page.evaluate("window.kvSeen") > 0
