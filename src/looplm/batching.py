@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import check_sampling, sample, stop_tokens_for
-from .exits import ExitPolicy, LoopTracker, QExit
+from .exits import ExitPolicy, LoopTracker, QExit, gate_update
 from .loops import first_exits
 from .model import LoopedLM, _Attend, _Context
 from .pool import KV, KVPool, parse_kv
@@ -592,29 +592,24 @@ class Engine:
         return y
 
     def _gate_exits(self, items: list[_Item], lam: torch.Tensor | None, sizes: list[int]) -> dict[int, bool]:
-        """Q-exit for every decoding token whose policy reads only the gate, in a few batched ops instead of a
-        handful per token: the same fp32 updates as `LoopTracker.step` (cdf += λ·S, S ·= 1 − λ; elementwise,
-        so bit for bit what each token's own tracker computes), then `ExitPolicy.exits`'s bounds.
-        Returns {item index: exits now}; the items' trackers hold their new state."""
-        pick = [i for i, it in enumerate(items) if not it.prefill and it.req.policy is not None
-                and type(it.req.policy) is QExit]
+        """Q-exit for every decoding token whose policy reads only the gate, stacked into a few ops instead of a
+        handful per token: `gate_update` (what each token's `LoopTracker` does, bit for bit), then the
+        policy's bounds (`ExitPolicy.forced`) or its threshold. Returns {item index: exits now}; the items'
+        trackers hold their new state."""
+        pick = [i for i, it in enumerate(items) if not it.prefill and type(it.req.policy) is QExit]
         if not pick or lam is None:
             return {}
         offsets = list(itertools.accumulate(sizes, initial=0))
         dev = lam.device
-        lam_n = lam[torch.tensor([offsets[i] for i in pick], device=dev)].float()
         trackers = [items[i].tracker for i in pick]
-        surv = torch.cat([t.survival for t in trackers])
-        cdf = torch.cat([t.cdf for t in trackers]) + lam_n * surv
-        surv = surv * (1 - lam_n)
+        cdf, surv = gate_update(torch.cat([t.cdf for t in trackers]), torch.cat([t.survival for t in trackers]),
+                                lam[torch.tensor([offsets[i] for i in pick], device=dev)])
         q = torch.tensor([items[i].req.policy.value for i in pick], dtype=torch.float32, device=dev)
-        fires = (cdf >= q).tolist()
         out = {}
-        for i, t, c, sv, f in zip(pick, trackers, cdf.split(1), surv.split(1), fires):
+        for i, t, c, sv, fires in zip(pick, trackers, cdf.split(1), surv.split(1), (cdf >= q).tolist()):
             t.cdf, t.survival = c, sv
-            policy, loop, R = items[i].req.policy, items[i].loop + 1, items[i].req.num_loops
-            last = min(R, policy.max_loops or R)
-            out[i] = loop >= last if (loop >= last or loop < policy.min_loops) else f
+            forced = items[i].req.policy.forced(items[i].loop + 1, items[i].req.num_loops)
+            out[i] = fires if forced is None else forced
         return out
 
     @torch.inference_mode()

@@ -44,11 +44,19 @@ class ExitPolicy:
     def fires(self, stats: LoopStats) -> torch.Tensor:
         raise NotImplementedError
 
+    def forced(self, loop: int, num_loops: int) -> bool | None:
+        """The bounds' decision after `loop` of `num_loops`, the same for every token (the last loop always exits,
+        none before min_loops), or None where `fires` decides."""
+        last = min(num_loops, self.max_loops or num_loops)
+        if loop >= last or loop < self.min_loops:
+            return loop >= last
+        return None
+
     def exits(self, stats: LoopStats, num_loops: int) -> torch.Tensor:
         """(N,) bool: exit after loop `stats.loop` of `num_loops` (the last loop always exits)."""
-        last = min(num_loops, self.max_loops or num_loops)
-        if stats.loop >= last or stats.loop < self.min_loops:
-            return torch.full((stats.size,), stats.loop >= last, dtype=torch.bool, device=stats.device)
+        forced = self.forced(stats.loop, num_loops)
+        if forced is not None:
+            return torch.full((stats.size,), forced, dtype=torch.bool, device=stats.device)
         return self.fires(stats)
 
     def spec(self) -> str:
@@ -228,6 +236,13 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def gate_update(cdf: torch.Tensor, survival: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One loop of the exit CDF in fp32: cdf + λ·S, S·(1 − λ). Elementwise, so a token's values are the same
+    whether it is updated alone or stacked with others (the engine batches its decoding tokens)."""
+    lam = lam.float()
+    return cdf + lam * survival, survival * (1 - lam)
+
+
 class LoopTracker:
     """Per-token running statistics across loops, for the tokens still looping.
 
@@ -247,8 +262,7 @@ class LoopTracker:
         if "gate" in self.policy.needs:
             if lam is None:
                 raise ValueError(f"exit policy {self.policy} needs an exit gate; this model has none")
-            self.cdf = self.cdf + lam.float() * self.survival
-            self.survival = self.survival * (1 - lam.float())
+            self.cdf, self.survival = gate_update(self.cdf, self.survival, lam)
             stats.cdf = self.cdf
         if "hidden" in self.policy.needs:
             stats.rel_change = relative_change(hidden, self.prev_hidden)
