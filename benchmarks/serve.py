@@ -259,6 +259,32 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(fmt.format(row[key]) for key, fmt, _ in COLUMNS))
 
 
+def engine_alone(args, trace: list[Request], rows: int) -> float:
+    """The trace's requests through `looplm.Engine` in this process, without HTTP (one torch thread, as the
+    server runs): --concurrency in flight, the next added when one finishes. Output tokens/s."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        model = looplm.load(args.model)
+        engine = looplm.Engine(model, kv="last", max_batch_size=rows, max_loops=4)
+        pending, tokens = list(trace), 0
+        for _ in range(min(args.concurrency, len(pending))):
+            r = pending.pop(0)
+            engine.add_request(r.prompt, max_new_tokens=r.max_tokens, stop_tokens=[], **r.budget)
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens += len(out.new_tokens)
+                if out.finished and pending:
+                    r = pending.pop(0)
+                    engine.add_request(r.prompt, max_new_tokens=r.max_tokens, stop_tokens=[], **r.budget)
+        return tokens / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(looplm.bundled_model_dir()), help="model dir (default: bundled chain-r4)")
@@ -303,6 +329,10 @@ def main() -> None:
     print(f"engine / one-at-a-time, median of {len(pairs)} alternated pairs: output tok/s {ratios['output_tok_s']:.2f}x "
           f"(pairs {spread}; goal ≥ 4x), p99 TTFT {ratios['ttft_p99']:.2f}x (goal ≤ 1), goodput "
           f"{ratios['goodput']:.2f}x; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    alone = {n: engine_alone(args, trace, n) for n in (1, args.max_batch_size)}
+    ratios["engine_alone"] = alone[args.max_batch_size] / alone[1]
+    print(f"the engine alone (no HTTP, same trace): {alone[1]:.0f} tok/s with 1 row, {alone[args.max_batch_size]:.0f} "
+          f"with {args.max_batch_size}: {ratios['engine_alone']:.2f}x")
     for row in rows:
         if row["errors"]:
             print(f"{row['run']}: {row['failed']} failed: {row['errors']}")
