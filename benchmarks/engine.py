@@ -6,8 +6,11 @@
    2 batches of 16. Speed-up = output tokens/s over the same runner's static:R. Ideal core = R / mean loops
    (the issue's measure); ideal = MACs per token of static:R over the policy's, counting what every token
    pays once (prelude, coda and the head: SmolLM2's head alone costs 8 layers). Efficiency = speed-up / ideal.
-   Rows `full` count only the engine's steps that start with all 16 rows busy (the steady state of a server;
-   the whole-run figures include the drain at the end, when the last requests run in a half-empty batch).
+   Rows `decode` count only the engine's steps that start with all 16 rows busy decoding, no prompt chunk
+   among them (the steady state of a server, and what `generate`'s decode tokens/s measured when the issue
+   was filed), with the mean loops of the tokens those steps emit. The whole-run figures also hold each
+   prompt's prefill, which runs every loop whatever the policy, and the drain at the end, when the last
+   requests run in a half-empty batch.
 2. poisson — 64 requests with Poisson arrivals, mixed budgets (static 2–4, Q-exit) and lengths: output
    tokens/s and p50/p99 latency (arrival → last token) through the engine, through sequential `generate`
    calls (one request at a time, in arrival order) and through static batching (`generate` on the requests
@@ -53,25 +56,28 @@ def layer_macs(model) -> tuple[int, int]:
 
 def engine_run(model, prompts, *, budget: dict, new_tokens: int, kv: str, max_loops: int, batch: int) -> dict:
     """All prompts through one engine of `batch` rows (the queue keeps the rows full); output tokens/s over
-    the whole run, and over the steps that start with every row busy (`full`: the steady state, without the
-    drain at the end, when the last requests run in a half-empty batch)."""
+    the whole run, and over the decode steady state: the steps that start with every row busy and no prompt
+    chunk among them (`decode`; what `generate`'s decode tokens/s measured when the issue was filed). Its
+    mean loops are those of the tokens those steps emit."""
     engine = Engine(model, kv=kv, max_loops=max_loops, max_batch_size=batch, max_step_tokens=4096)
     for p in prompts:
         engine.add_request(p, max_new_tokens=new_tokens, stop_tokens=[], **budget)
-    loops, full_s, full_tokens, t0 = [], 0.0, 0, time.perf_counter()
+    loops, dec_loops, dec_s, t0 = [], [], 0.0, time.perf_counter()
     while engine.has_unfinished_requests():
-        engine._admit()  # what step() does first; here to see whether the step starts full
-        full = len(engine.running) == batch
+        engine._admit()  # what step() does first; here to see what the step will hold
+        decode = len(engine.running) == batch and not any(r.prefilling for r in engine.running)
         t1 = time.perf_counter()
         outs = engine.step()
-        if full:
-            full_s += time.perf_counter() - t1
-            full_tokens += len(outs)
+        if decode:
+            dec_s += time.perf_counter() - t1
+            for o in outs:
+                dec_loops += o.loops
         for o in outs:
             loops += o.loops
     wall = time.perf_counter() - t0
     return {"tok_s": len(loops) / wall, "mean_loops": statistics.mean(loops),
-            "full_tok_s": full_tokens / full_s if full_s else float("nan")}
+            "decode_tok_s": len(dec_loops) / dec_s if dec_s else float("nan"),
+            "decode_mean_loops": statistics.mean(dec_loops) if dec_loops else float("nan")}
 
 
 def generate_run(model, prompts, *, budget: dict, new_tokens: int, kv: str, batch: int) -> dict:
@@ -93,6 +99,7 @@ def part_exits(args, model, R) -> list[dict]:
     kw = dict(new_tokens=args.new_tokens, kv=args.kv, batch=args.batch)
     runners = {"engine": lambda b, p=prompts, **k: engine_run(model, p, budget=b, max_loops=R, **{**kw, **k}),
                "generate": lambda b, p=prompts, **k: generate_run(model, p, budget=b, **{**kw, **k})}
+    runners = {w: r for w, r in runners.items() if w in args.runners.split(",")}
     for run in runners.values():  # warm-up
         run(budgets[0][1], p=prompts[: args.batch], new_tokens=3)
     samples = {(w, name): [] for w in runners for name, _ in budgets}
@@ -114,10 +121,10 @@ def part_exits(args, model, R) -> list[dict]:
         base = statistics.median(s[key] for s in samples[(w, "static")])
         for name, _ in budgets:
             tok_s = statistics.median(s[key] for s in samples[(w, name)])
-            loops = samples[(w, name)][0]["mean_loops"]
+            loops = samples[(w, name)][0]["decode_mean_loops" if key == "decode_tok_s" else "mean_loops"]
             speedup, ideal_core = tok_s / base, R / loops
             ideal = (fixed + core * R) / (fixed + core * loops)
-            figures.append(dict(part="exits", runner=w if key == "tok_s" else f"{w} (full batch)", budget=name, mean_loops=loops, tok_s=tok_s,
+            figures.append(dict(part="exits", runner=w if key == "tok_s" else f"{w} (decode)", budget=name, mean_loops=loops, tok_s=tok_s,
                                 speedup=speedup, ideal_core=ideal_core, efficiency_core=speedup / ideal_core,
                                 ideal=ideal, efficiency=speedup / ideal))
             print(f"{label:<9} {name:<8} {loops:>10.2f} {tok_s:>10.1f} "
@@ -126,8 +133,8 @@ def part_exits(args, model, R) -> list[dict]:
 
     for w in runners:
         rows(w, w, "tok_s")
-        if w == "engine":  # the steady state: steps that start with all rows busy
-            rows("  full", w, "full_tok_s")
+        if w == "engine":  # the decode steady state: every row busy, no prompt chunk in the step
+            rows("  decode", w, "decode_tok_s")
     return figures
 
 
@@ -318,9 +325,10 @@ def main() -> None:
     ap.add_argument("--kv", default="last")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--waves", type=int, default=2, help="part exits: requests = batch × waves")
-    ap.add_argument("--q", default="0.8,0.6,0.4", help="Q-exit thresholds of part exits")
+    ap.add_argument("--runners", default="engine,generate", help="part exits: engine and/or generate")
+    ap.add_argument("--q", default="0.7,0.6,0.5", help="Q-exit thresholds of part exits")
     ap.add_argument("--prompt-len", type=int, default=4)
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
     ap.add_argument("--repeats", type=int, default=1)

@@ -514,3 +514,71 @@ def test_a_failing_engine_step_fails_its_requests_and_the_driver_goes_on():
     assert [len(o.new_tokens) for o in second] == [1, 1, 1] and second[-1].finish_reason == "length"
     assert not engine.has_unfinished_requests()
     driver.stop(timeout=10)
+
+
+# --------------------------------------------------------------------------- the engine process
+
+
+def engine_pid(server_pid: int) -> int | None:
+    """The server's engine process: its child started by multiprocessing's spawn (None if it has none)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            return int(d.name)
+    return None
+
+
+def test_engine_process_ignores_group_signals_and_its_death_is_reported(tmp_path_factory):
+    """The engines run in a child process. SIGINT/SIGTERM to it (a terminal's Ctrl-C, a supervisor signalling the
+    process group) do not stop the request it runs; if it dies (SIGKILL here), the stream in flight ends
+    with an error event, new requests and /health get 503 naming why, and the server process stays up."""
+    s = start_server(tmp_path_factory, "--max-batch-size", "2")
+    try:
+        pid = engine_pid(s.proc.pid)
+        assert pid is not None
+        body = dict(prompt=PROBLEMS[0], max_tokens=60, temperature=0, num_loops=4, ignore_eos=True, stream=True)
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+            lines = (x for x in r.iter_lines() if x)
+            assert next(lines).startswith("data: {")
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"
+        done = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
+        assert done[-1]["choices"][0]["finish_reason"] == "length"
+        assert engine_pid(s.proc.pid) == pid  # alive
+
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{s.url}/v1/completions",
+                                                     json=dict(body, max_tokens=100)) as r:
+            lines = (x for x in r.iter_lines() if x)
+            assert next(lines).startswith("data: {")
+            os.kill(pid, signal.SIGKILL)
+            rest = list(lines)
+        errors = [json.loads(x[6:]) for x in rest if x.startswith("data: {") and '"error"' in x]
+        assert errors and "engine process exited" in errors[-1]["error"]["message"], rest[-3:]
+        h = httpx.get(f"{s.url}/health")
+        assert h.status_code == 503 and "exit code -9" in h.json()["error"], h.text
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "a=1;a", "max_tokens": 2})
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert s.proc.poll() is None
+    finally:
+        assert s.stop() == 0
+
+
+def test_no_engine_process_serves_from_a_thread(tmp_path_factory, offline):
+    """--no-engine-process: no child process, the same tokens."""
+    s = start_server(tmp_path_factory, "--max-batch-size", "2", "--no-engine-process")
+    try:
+        assert engine_pid(s.proc.pid) is None
+        r = s.client().completions.create(model="chain-r4", prompt=PROBLEMS[1], max_tokens=8, temperature=0,
+                                          extra_body={"num_loops": 2, "return_token_ids": True})
+        tokens, loops, text = reference(offline, PROBLEMS[1], kv="last", num_loops=2, max_new_tokens=8)
+        assert r.choices[0].text == text and len(tokens) >= 1
+    finally:
+        assert s.stop() == 0

@@ -434,6 +434,7 @@ def serve(
     max_replicas: Annotated[Optional[int], typer.Option(help="With --replicas: autoscale between --replicas and this many on ongoing requests.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="With --replicas: join this Ray cluster (e.g. auto) instead of starting one.")] = None,
     router: Annotated[str, typer.Option(help="With --replicas: prefix (the replica that served the prompt's leading chunks, else the least loaded) | pow2 (Ray's default).")] = "prefix",
+    engine_process: Annotated[bool, typer.Option(help="Run the engines in a process of their own (the default), so that their Python never waits on the HTTP side's interpreter lock; --no-engine-process keeps them in a thread of the server process.")] = True,
     core: Annotated[Optional[str], typer.Option(help="Loop layers I..J-1 of the model (a retrofit): I:J.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
     device: Device = "cpu",
@@ -488,16 +489,15 @@ def serve(
         _fail(str(e))
     import uvicorn
 
-    from looplm.server.app import ServerOptions, create_app
+    from functools import partial
 
-    def load():
-        path, net, tok = _load(model, dtype, device, core=block)
-        return net, tok, Path(path).name
+    from looplm.server.app import ServerOptions, create_app, load_model
 
+    load = partial(load_model, model, DTYPES[dtype], device, block, threads)  # pickles: the engine process runs it
     opts = ServerOptions(model_name=served_model_name, kvs=kvs, max_loops=max_loops, max_batch_size=max_batch_size,
                          max_queue=max_queue, max_kv_tokens=max_kv_tokens, api_key=api_key, chat_template=template,
                          kv_store=list(kv_store or []), kv_chunk_size=kv_chunk_size,
-                         prefix_kv=prefix_kv)
+                         prefix_kv=prefix_kv, engine_process=engine_process)
     if replicas is not None:
         from looplm.checkpoint import default_model_dir
         from looplm.server import scaleout

@@ -136,6 +136,8 @@ class _Group:
     mask: torch.Tensor | None  # (n, 1, 1, T) or None when every row sees all T keys
     window_mask: torch.Tensor | None  # the same for sliding-window layers
     only: tuple[int, int, int, int] | None = None  # one token: (packed index, loop, row, position) as ints
+    span: tuple[int, int] | None = None  # the rows are r0..r1-1 in this order: keys are read as a view of the pool
+    in_order: bool = False  # idx is 0..n-1: the tokens are packed in group order
 
 
 @dataclass
@@ -516,6 +518,11 @@ class Engine:
 
     def _group(self, members: list[tuple[_Item, int]]) -> _Group:
         dev = self.model.device
+        rows = [it.req.row for it, _ in members]
+        span = None
+        if len(members) > 1 and max(rows) - min(rows) == len(rows) - 1:  # distinct rows, so a contiguous range:
+            members = sorted(members, key=lambda m: m[0].req.row)        # read their keys as one view, no gather
+            span = (min(rows), max(rows) + 1)
         starts = [it.start for it, _ in members]
         loops, idx, rows, pos = torch.tensor([[it.loop for it, _ in members], [o for _, o in members],
                                               [it.req.row for it, _ in members], starts], device=dev)  # one copy
@@ -532,7 +539,8 @@ class Engine:
         if len(members) == 1:
             it, o = members[0]
             only = (o, it.loop, it.req.row, it.start)
-        return _Group(loops, loops == 0, idx, rows, pos, T, mask, window_mask, only)
+        in_order = all(o == i for i, (_, o) in enumerate(members))
+        return _Group(loops, loops == 0, idx, rows, pos, T, mask, window_mask, only, span, in_order)
 
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Store the packed tokens' K/V (1, Hkv, N, Dh) where each belongs and attend: q (1, H, N, Dh) → y."""
@@ -581,13 +589,19 @@ class Engine:
             pool.v[slots, g.rows, :, g.pos] = vn
             if shared_core and self.kv != "last":
                 pool.hold(j, g.rows, g.first, kn, vn)
-            keys = pool.k[slots, g.rows, :, : g.T].values()  # (n, Hkv, T, Dh)
-            vals = pool.v[slots, g.rows, :, : g.T].values()
+            if g.span is not None and not (core and self.kv == "per_loop"):  # one slot, rows r0..r1-1: a view
+                keys = pool.k[base, g.span[0] : g.span[1], :, : g.T].values()  # (n, Hkv, T, Dh)
+                vals = pool.v[base, g.span[0] : g.span[1], :, : g.T].values()
+            else:
+                keys = pool.k[slots, g.rows, :, : g.T].values()
+                vals = pool.v[slots, g.rows, :, : g.T].values()
             qn = q[0, :, g.idx].transpose(0, 1)[:, :, None]  # (n, H, 1, Dh)
             yn = F.scaled_dot_product_attention(qn, keys, vals, attn_mask=g.window_mask if attn.sliding else g.mask,
                                                 scale=attn.scale, enable_gqa=gqa)
-            if not plan.prefill:  # decoding tokens only: packed in group order
+            if not plan.prefill and g.in_order:  # decoding tokens only, packed in group order
                 return yn[:, :, 0].transpose(0, 1)[None]
+            if y is None:
+                y = torch.empty_like(q)
             y[0, :, g.idx] = yn[:, :, 0].transpose(0, 1)
         return y
 

@@ -64,13 +64,15 @@ class ServerOptions:
     kv_store: list[str] = field(default_factory=list)  # prefix store tiers in order, e.g. ["host:4GiB", "redis://..."]
     kv_chunk_size: int = 256  # prompt positions per stored chunk
     prefix_kv: str = "loops"  # what a stored chunk holds: every loop's KV, or the committed KV (docs/memory.md)
+    engine_process: bool = False  # the engines in a child process (load() must pickle); else in a thread
 
 
 @dataclass
 class ServerState:
-    model: object
+    config: object  # the model's LoopConfig
+    exit_gate: bool  # the model has a learned exit gate (Q-exit)
     tokenizer: object
-    driver: Driver
+    driver: object  # Driver (engines in a thread) or EngineProcess (engines in a child process)
     metrics: Metrics
     model_name: str
     kvs: list[str]
@@ -83,14 +85,26 @@ class ServerState:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
-    """Engines (one per kv strategy, one pool each), the metrics and the driver thread, started."""
+def load_model(model: str | None, dtype: str, device: str, core: tuple[int, int] | None, threads: int | None = None):
+    """What `looplm serve` loads: (model, tokenizer, name). Module-level, so that an engine process and a Ray
+    replica can be sent it (functools.partial of it pickles)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from looplm.checkpoint import default_model_dir, load, load_tokenizer
+
+    path = model or str(default_model_dir())
+    net = load(path, core=core, dtype=getattr(torch, dtype), device=device)
+    return net, load_tokenizer(getattr(net, "name_or_path", path)), Path(path).name
+
+
+def make_engines(model, opts: ServerOptions) -> tuple[dict, object]:
+    """One engine (one KV pool) per strategy in opts.kvs, and the prefix store they share (or None)."""
     from looplm.batching import Engine
-    from looplm.engine import stop_tokens_for
 
     max_loops = model.resolve_loops(opts.max_loops)
-    context = model.config.max_position_embeddings
-    max_kv = opts.max_kv_tokens or max(8192, context)
+    max_kv = opts.max_kv_tokens or max(8192, model.config.max_position_embeddings)
     store = None
     if opts.kv_store:  # one store for every pool: what it holds (every loop's KV) serves each strategy
         from looplm.store import PrefixStore
@@ -98,23 +112,52 @@ def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
     engines = {kv: Engine(model, kv=kv, max_loops=max_loops, max_batch_size=opts.max_batch_size, max_tokens=max_kv,
                           kv_store=store, prefix_kv=opts.prefix_kv)
                for kv in opts.kvs}
-    metrics = Metrics(opts.model_name, opts.kvs, max_loops, [t.name for t in store.tiers] if store else [])
-    driver = Driver(engines, max_queue=opts.max_queue, metrics=metrics)
+    return engines, store
+
+
+def _state(config, exit_gate: bool, tokenizer, driver, tiers: list[str], max_loops: int,
+           opts: ServerOptions) -> ServerState:
+    from looplm.engine import stop_tokens_for
+
+    metrics = Metrics(opts.model_name, opts.kvs, max_loops, tiers)
+    driver.metrics = metrics
     driver.start()
     template = opts.chat_template or getattr(tokenizer, "chat_template", None) or None
-    return ServerState(model, tokenizer, driver, metrics, opts.model_name, list(opts.kvs), max_loops, context,
-                       stop_tokens_for(model.config, tokenizer), template)
+    return ServerState(config, exit_gate, tokenizer, driver, metrics, opts.model_name, list(opts.kvs), max_loops,
+                       config.max_position_embeddings, stop_tokens_for(config, tokenizer), template)
+
+
+def build_state(model, tokenizer, opts: ServerOptions) -> ServerState:
+    """Engines (one per kv strategy, one pool each) in a thread of this process, the metrics, started."""
+    engines, store = make_engines(model, opts)
+    driver = Driver(engines, max_queue=opts.max_queue)
+    return _state(model.config, model.early_exit_gate is not None, tokenizer, driver,
+                  [t.name for t in store.tiers] if store else [], next(iter(engines.values())).max_loops, opts)
+
+
+def launch_state(load, opts: ServerOptions) -> ServerState:
+    """The same with the engines in a child process (`load` runs there; engine_process.py says why)."""
+    from .engine_process import EngineProcess
+
+    proc = EngineProcess(load, opts, max_queue=opts.max_queue)
+    info = proc.launch()
+    opts.model_name = opts.model_name or info["name"]
+    return _state(info["config"], info["exit_gate"], info["tokenizer"], proc, info["tiers"], info["max_loops"], opts)
 
 
 def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptions) -> FastAPI:
-    """The app; `load()` returns (model, tokenizer, name) and runs in a thread when the app starts."""
+    """The app; `load()` returns (model, tokenizer, name) and runs in a thread when the app starts, or in the
+    engine process with `opts.engine_process`."""
     status = {"state": None, "error": None}
 
     def loader() -> None:
         try:
-            model, tokenizer, name = load()
-            opts.model_name = opts.model_name or name
-            status["state"] = build_state(model, tokenizer, opts)
+            if opts.engine_process:
+                status["state"] = launch_state(load, opts)
+            else:
+                model, tokenizer, name = load()
+                opts.model_name = opts.model_name or name
+                status["state"] = build_state(model, tokenizer, opts)
             log.info("model %s ready: kv %s, max loops %d", opts.model_name, opts.kvs, status["state"].max_loops)
         except Exception as e:  # noqa: BLE001 — reported by /health and the log
             log.exception("loading the model failed")
@@ -126,12 +169,8 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         thread.start()
         yield
         st = status["state"]
-        if st is not None:  # SIGTERM: uvicorn stopped accepting and let open requests end; now the engine
-            st.driver.stop(timeout=30)
-            for engine in st.driver.engines.values():  # the prefix store's queued writes reach their tiers
-                if engine.store is not None:
-                    engine.store.flush()
-                    break
+        if st is not None:  # SIGTERM: uvicorn stopped accepting and let open requests end; now the engines
+            st.driver.stop(timeout=30)  # (and the prefix store's queued writes reach their tiers)
 
     app = FastAPI(title="looplm", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -140,6 +179,8 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         if st is None:
             why = status["error"] or "the model is loading"
             raise APIError(why, status=503, type="service_unavailable")
+        if st.driver.error is not None:
+            raise APIError(f"the engine is down: {st.driver.error}", status=503, type="service_unavailable")
         return st
 
     def check_model(st: ServerState, name: str | None) -> None:
@@ -169,6 +210,8 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
         if st is None:
             return JSONResponse({"status": "error" if status["error"] else "loading", "error": status["error"]},
                                 status_code=503)
+        if st.driver.error is not None:
+            return JSONResponse({"status": "error", "error": st.driver.error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -183,11 +226,11 @@ def create_app(load: Callable[[], tuple[object, object, str]], opts: ServerOptio
     @app.get("/v1/models")
     async def models():
         st = ready()
-        cfg = st.model.config
+        cfg = st.config
         return {"object": "list", "data": [{
             "id": st.model_name, "object": "model", "created": 0, "owned_by": "looplm", "max_model_len": st.context,
             "looplm": {"kv": st.kvs, "max_loops": st.max_loops, "num_loops": min(cfg.num_loops, st.max_loops),
-                       "exit_gate": st.model.early_exit_gate is not None, "chat_template": st.chat_template is not None},
+                       "exit_gate": st.exit_gate, "chat_template": st.chat_template is not None},
         }]}
 
     @app.post("/v1/completions")
@@ -261,7 +304,7 @@ def _encode(st: ServerState, text: str) -> list[int]:
 
 
 def _check_ids(st: ServerState, ids: list[int], param: str) -> None:
-    V = st.model.config.vocab_size
+    V = st.config.vocab_size
     bad = [t for t in ids if not 0 <= t < V]
     if bad:
         raise APIError(f"{param}: token ids must be in [0, {V}); got {bad[:5]}", param=param, code="invalid_value")

@@ -65,11 +65,21 @@ class Driver:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse new requests, finish the running and queued ones, end the thread."""
+        """Refuse new requests, finish the running and queued ones, end the thread; the prefix store's queued
+        writes reach their tiers."""
         with self._lock:
             self._stopping = True
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        for engine in self.engines.values():  # one store serves every engine
+            if engine.store is not None:
+                engine.store.flush()
+                break
+
+    @property
+    def error(self) -> None:
+        """Why the engines are down (an engine process that died); a thread's engines do not die alone."""
+        return None
 
     @property
     def queued(self) -> int:

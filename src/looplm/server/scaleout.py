@@ -34,6 +34,7 @@ from fastapi import Request
 from ray import serve
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from .app import load_model
 from .protocol import APIError
 
 log = logging.getLogger("looplm.server")
@@ -51,21 +52,6 @@ class Forward:
     headers: list[tuple[str, str]]
     body: bytes
     prefix: list[str] = field(default_factory=list)  # the prompt's leading token-chunk hashes (routing only)
-
-
-def load_model(model: str | None, dtype: str, device: str, core: tuple[int, int] | None, threads: int | None = None):
-    """What a replica's app loads (module-level, so Ray can ship it)."""
-    from pathlib import Path
-
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    from looplm.checkpoint import default_model_dir, load, load_tokenizer
-
-    path = model or str(default_model_dir())
-    net = load(path, core=core, dtype=getattr(torch, dtype), device=device)
-    return net, load_tokenizer(getattr(net, "name_or_path", path)), Path(path).name
 
 
 # --------------------------------------------------------------------------- routing
@@ -263,8 +249,12 @@ class Ingress:
 def run(*, opts, load_args: tuple, replicas: int, max_replicas: int | None, ray_address: str | None,
         host: str, port: int, router: str, tokenizer_dir: str) -> None:
     """Start (or join) Ray, deploy ingress + N replicas, serve until SIGTERM/SIGINT, then shut down."""
+    import dataclasses
+
     import ray
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+    opts = dataclasses.replace(opts, engine_process=False)  # a replica is a process of its own already
 
     if ray_address:
         ray.init(address=ray_address, logging_level=logging.WARNING)
