@@ -3,8 +3,8 @@
 1. exits — mixed exits at batch 16: a gated looped model (SmolLM2-135M, layers 1..28 looped R=4, a random
    exit gate as in benchmarks/adaptive_exit.py) generates for 32 short prompts under static:R and under
    Q-exit thresholds, through an engine of 16 rows (the queue keeps them full) and through `generate` in
-   2 batches of 16. Speed-up = output tokens/s over the same runner's static:R. Ideal core = R / mean loops
-   (the issue's measure); ideal = MACs per token of static:R over the policy's, counting what every token
+   2 batches of 16. Speed-up = output tokens/s over the same runner's static:R in the same repeat (median
+   over --repeats). Ideal core = R / mean loops (the issue's measure); ideal = MACs per token of static:R over the policy's, counting what every token
    pays once (prelude, coda and the head: SmolLM2's head alone costs 8 layers). Efficiency = speed-up / ideal.
    Rows `decode` count only the engine's steps that start with all 16 rows busy decoding, no prompt chunk
    among them (the steady state of a server, and what `generate`'s decode tokens/s measured when the issue
@@ -118,11 +118,13 @@ def part_exits(args, model, R) -> list[dict]:
           f"{'eff core':>8} {'ideal':>6} {'eff':>5}")
     def rows(label: str, w: str, key: str) -> None:
         """One table row and figure per budget: `key` tok/s of runner w against its static:R."""
-        base = statistics.median(s[key] for s in samples[(w, "static")])
+        statics = [s[key] for s in samples[(w, "static")]]
         for name, _ in budgets:
             tok_s = statistics.median(s[key] for s in samples[(w, name)])
             loops = samples[(w, name)][0]["decode_mean_loops" if key == "decode_tok_s" else "mean_loops"]
-            speedup, ideal_core = tok_s / base, R / loops
+            # each repeat against the static:R run of the same repeat (the machine drifts between repeats)
+            speedup = statistics.median(s[key] / b for s, b in zip(samples[(w, name)], statics))
+            ideal_core = R / loops
             ideal = (fixed + core * R) / (fixed + core * loops)
             figures.append(dict(part="exits", runner=w if key == "tok_s" else f"{w} (decode)", budget=name, mean_loops=loops, tok_s=tok_s,
                                 speedup=speedup, ideal_core=ideal_core, efficiency_core=speedup / ideal_core,

@@ -9,6 +9,9 @@ its queue, per request id: RequestOutput items, then either the finished one, `A
 
 A step that raises (a bug, an out-of-memory) fails the requests of that engine with a 500 and the thread
 goes on: a failing request never takes the server down (issue 14).
+
+`looplm serve` runs the same loop in a child process by default (engine_process.py, the same interface);
+this thread is what `--no-engine-process`, Ray Serve replicas and in-process apps (tests) use.
 """
 
 from __future__ import annotations
