@@ -522,10 +522,10 @@ class Engine:
         span = None
         if len(members) > 1 and max(rows) - min(rows) == len(rows) - 1:  # distinct rows, so a contiguous range:
             members = sorted(members, key=lambda m: m[0].req.row)        # read their keys as one view, no gather
-            span = (min(rows), max(rows) + 1)
+            rows, span = sorted(rows), (min(rows), max(rows) + 1)
         starts = [it.start for it, _ in members]
-        loops, idx, rows, pos = torch.tensor([[it.loop for it, _ in members], [o for _, o in members],
-                                              [it.req.row for it, _ in members], starts], device=dev)  # one copy
+        loops, idx, rows, pos = torch.tensor([[it.loop for it, _ in members], [o for _, o in members], rows, starts],
+                                             device=dev)  # one copy
         T = max(starts) + 1
         keys = torch.arange(T, device=dev)[None]
         seen = keys <= pos[:, None]  # (n, T)

@@ -49,17 +49,43 @@ def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
         out.put_nowait(item)
 
 
-class Driver:
-    def __init__(self, engines: dict, *, max_queue: int, metrics: Metrics | None = None):
+class Admission:
+    """What both drivers (this thread, and engine_process.EngineProcess) check at the door: the --max-queue
+    bound, counted over the adds not yet taken by an engine and the requests its queue holds, and shutdown."""
+
+    def __init__(self, max_queue: int, metrics: Metrics | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be ≥ 1, got {max_queue}")
-        self.engines, self.max_queue, self.metrics = engines, max_queue, metrics
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._subs: dict[str, _Sub] = {}  # the driver thread's own
+        self.max_queue, self.metrics = max_queue, metrics
         self._lock = threading.Lock()
-        self._queued = 0  # adds on the command queue, not yet in an engine
+        self._queued = 0  # adds sent, not yet in an engine
         self._waiting = 0  # requests in the engines' waiting queues after the last step
         self._stopping = False
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return self._queued + self._waiting
+
+    def _admit(self) -> None:
+        """Count one more add, or raise APIError 503 (shutting down, or a full queue). Under self._lock."""
+        if self._stopping:
+            raise APIError("the server is shutting down", status=503, type="service_unavailable")
+        if self._queued + self._waiting >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.labels(self.metrics.model_name).inc()
+            raise APIError(f"the queue is full: {self._queued + self._waiting} requests wait "
+                           f"(--max-queue {self.max_queue}); retry later", status=503, type="service_unavailable",
+                           code="queue_full")
+        self._queued += 1
+
+
+class Driver(Admission):
+    def __init__(self, engines: dict, *, max_queue: int, metrics: Metrics | None = None):
+        super().__init__(max_queue, metrics)
+        self.engines = engines
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._subs: dict[str, _Sub] = {}  # the driver thread's own
         self._thread = threading.Thread(target=self._run, name="looplm-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -84,26 +110,12 @@ class Driver:
         """Why the engines are down (an engine process that died); a thread's engines do not die alone."""
         return None
 
-    @property
-    def queued(self) -> int:
-        with self._lock:
-            return self._queued + self._waiting
-
     def add(self, kv: str, request_id: str, prompt: list[int], args: dict, out: asyncio.Queue) -> None:
         """Queue a request for the engine of `kv`; its outputs go to `out` (an asyncio queue of the running
         loop). Raises APIError 503 when --max-queue requests already wait, or while shutting down."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._stopping:
-                raise APIError("the server is shutting down", status=503, type="service_unavailable")
-            if self._queued + self._waiting >= self.max_queue:
-                if self.metrics is not None:
-                    self.metrics.rejected.labels(self.metrics.model_name).inc()
-                raise APIError(f"the queue is full: {self._queued + self._waiting} requests wait "
-                               f"(--max-queue {self.max_queue}); retry later", status=503, type="service_unavailable",
-                               code="queue_full")
-            self._queued += 1
-
+            self._admit()
         self._commands.put(("add", kv, request_id, prompt, args, _Sub(kv, loop, out)))
 
     def abort(self, request_id: str) -> None:

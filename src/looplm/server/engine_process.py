@@ -26,25 +26,19 @@ import multiprocessing as mp
 import threading
 import traceback
 
-from .driver import Aborted, _param_of, _put_all, _Sub
+from .driver import Aborted, Admission, _param_of, _put_all, _Sub
 from .protocol import APIError
 
 log = logging.getLogger("looplm.server")
 
 
-class EngineProcess:
+class EngineProcess(Admission):
     def __init__(self, load, opts, *, max_queue: int):
         """`load()` → (model, tokenizer, name) runs in the child, so it must pickle (a module-level function, or
         functools.partial of one)."""
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be ≥ 1, got {max_queue}")
-        self.max_queue, self.metrics = max_queue, None
+        super().__init__(max_queue)
         self._load, self._opts = load, opts
-        self._lock = threading.Lock()
         self._subs: dict[str, _Sub] = {}
-        self._queued = 0  # adds sent, not yet taken by an engine
-        self._waiting = 0  # requests in the engines' waiting queues after the child's last step
-        self._stopping = False
         self._error: str | None = None
         self._proc = self._conn = self._reader = None
 
@@ -93,11 +87,6 @@ class EngineProcess:
     def error(self) -> str | None:
         return self._error
 
-    @property
-    def queued(self) -> int:
-        with self._lock:
-            return self._queued + self._waiting
-
     # ------------------------------------------------------------------ handlers (the event loop's thread)
 
     def add(self, kv: str, request_id: str, prompt: list[int], args: dict, out: asyncio.Queue) -> None:
@@ -105,15 +94,7 @@ class EngineProcess:
         with self._lock:
             if self._error is not None:
                 raise APIError(f"the engine is down: {self._error}", status=503, type="service_unavailable")
-            if self._stopping:
-                raise APIError("the server is shutting down", status=503, type="service_unavailable")
-            if self._queued + self._waiting >= self.max_queue:
-                if self.metrics is not None:
-                    self.metrics.rejected.labels(self.metrics.model_name).inc()
-                raise APIError(f"the queue is full: {self._queued + self._waiting} requests wait "
-                               f"(--max-queue {self.max_queue}); retry later", status=503, type="service_unavailable",
-                               code="queue_full")
-            self._queued += 1
+            self._admit()
             self._subs[request_id] = _Sub(kv, loop, out)
             self._send(("add", kv, request_id, prompt, args))
 
