@@ -17,10 +17,15 @@
    waiting when the previous batch ends, one call per distinct budget, since a batch has one budget).
 3. batch1 — decode tokens/s at batch 1, SmolLM2-135M unlooped (equal depth) through the engine against
    transformers' LlamaForCausalLM (greedy loop over a DynamicCache), each in --dtypes.
-4. matmul (not in the default parts) — every projection of the model through `F.linear` against the
+4. steps (not in the default parts) — the decode steady state of part exits measured more finely: an engine
+   under static:R and one under a Q-exit, 16 rows each, stepped in turn in one process so that the machine's
+   drift hits both alike; the efficiency as in part exits, and each step's parts (core pass, readout = coda,
+   norm and head, prelude, the rest) in ms.
+5. matmul (not in the default parts) — every projection of the model through `F.linear` against the
    oneDNN-packed weights the engine uses (`looplm.fused`), at 1, 4, 16 and 256 rows.
 
     python benchmarks/engine.py                       # all parts, fp32 on CPU
+    python benchmarks/engine.py --parts steps         # exits at batch 16, stepped in turn with static:R
     python benchmarks/engine.py --parts exits --dtype bfloat16
 
 Prints a table per part, then one JSON line (machine, commit, config, figures).
@@ -200,6 +205,83 @@ def serve_static(model, reqs, *, kv, max_batch=16) -> list[tuple[float, int]]:
     return [out[id(r)] for r in reqs]
 
 
+def part_steps(args, model, R) -> list[dict]:
+    """Two engines of `batch` rows, static:R and a Q-exit, stepped in turn in this process (drift hits both
+    alike), --steps steps each after 8 of warm-up; efficiency = (tok/s ratio) / (R / mean loops). The step's
+    parts are timed by wrapping the model's embed (prelude), core_loop and readout (coda, norm, head)."""
+    import collections
+    import contextlib
+
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    spent: collections.Counter = collections.Counter()
+    who = ["static"]
+
+    @contextlib.contextmanager
+    def timed():
+        wrapped = {}
+        for name in ("embed", "core_loop", "readout"):
+            f = getattr(model, name)
+            wrapped[name] = f
+
+            def w(*a, _f=f, _n=name, **k):
+                t = time.perf_counter()
+                out = _f(*a, **k)
+                spent[(who[0], _n)] += time.perf_counter() - t
+                return out
+            setattr(model, name, w)
+        try:
+            yield
+        finally:
+            for name in wrapped:
+                delattr(model, name)  # back to the class's methods
+
+    figures = []
+    print(f"\n[steps] static:{R} and each Q-exit, {args.batch} rows each, stepped in turn, {args.steps} steps each; "
+          "ms per step")
+    print(f"{'budget':<8} {'mean loops':>10} {'speed-up':>9} {'ideal core':>10} {'eff core':>8} "
+          f"{'core':>7} {'readout':>8} {'prelude':>8} {'rest':>7} {'static: core':>13} {'readout':>8} {'prelude':>8} "
+          f"{'rest':>7}")
+    for q in args.q.split(","):
+        name = f"q:{q}"
+        engines = {}
+        for label, budget in (("static", {"num_loops": R}), (name, {"exit": name})):
+            e = Engine(model, kv=args.kv, max_loops=R, max_batch_size=args.batch, max_step_tokens=4096)
+            for p in prompts:
+                e.add_request(p, max_new_tokens=args.steps + 16, stop_tokens=[], **budget)
+            for _ in range(8):
+                e.step()
+            engines[label] = e
+        spent.clear()
+        tokens, loops = collections.Counter(), []
+        with timed():
+            for _ in range(args.steps):
+                for label, e in engines.items():
+                    who[0] = label
+                    t = time.perf_counter()
+                    outs = e.step()
+                    spent[(label, "step")] += time.perf_counter() - t
+                    tokens[label] += len(outs)
+                    if label == name:
+                        loops += [n for o in outs for n in o.loops]
+        ms = {(lbl, part): 1e3 * spent[(lbl, part)] / args.steps for lbl in engines
+              for part in ("step", "core_loop", "readout", "embed")}
+        rest = {lbl: ms[(lbl, "step")] - ms[(lbl, "core_loop")] - ms[(lbl, "readout")] - ms[(lbl, "embed")]
+                for lbl in engines}
+        if not tokens["static"] or not loops:
+            raise SystemExit(f"--steps {args.steps}: too few steps for a token of each engine; use ≥ {4 * R}")
+        mean = statistics.mean(loops)
+        speedup = (tokens[name] / spent[(name, "step")]) / (tokens["static"] / spent[("static", "step")])
+        eff = speedup / (R / mean)
+        figures.append(dict(part="steps", budget=name, mean_loops=mean, speedup=speedup, ideal_core=R / mean,
+                            efficiency_core=eff, ms={f"{lbl} {part}": v for (lbl, part), v in ms.items()}))
+        print(f"{name:<8} {mean:>10.2f} {speedup:>8.2f}x {R / mean:>9.2f}x {eff:>8.2f} "
+              f"{ms[(name, 'core_loop')]:>7.1f} {ms[(name, 'readout')]:>8.1f} {ms[(name, 'embed')]:>8.1f} "
+              f"{rest[name]:>7.1f} {ms[('static', 'core_loop')]:>13.1f} {ms[('static', 'readout')]:>8.1f} "
+              f"{ms[('static', 'embed')]:>8.1f} {rest['static']:>7.1f}")
+    return figures
+
+
 def part_poisson(args, model, R) -> list[dict]:
     reqs = poisson_requests(args, model.config.vocab_size, R)
     runs = {"engine": lambda: serve_engine(model, reqs, kv=args.kv, R=R),
@@ -331,6 +413,7 @@ def main() -> None:
     ap.add_argument("--q", default="0.7,0.6,0.5", help="Q-exit thresholds of part exits")
     ap.add_argument("--prompt-len", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=60, help="part steps: steps timed per engine")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
     ap.add_argument("--repeats", type=int, default=1)
@@ -344,13 +427,15 @@ def main() -> None:
     i, j = (int(x) for x in args.core.split(":"))
     R = args.loops
     figures = []
-    if "exits" in parts or "poisson" in parts:
+    if "exits" in parts or "poisson" in parts or "steps" in parts:
         model = gated(path, (i, j), R, getattr(torch, args.dtype), "cpu", args.seed)
         print(f"model {path}: core {i}:{j} x R={R}, random exit gate, {args.dtype}, {torch.get_num_threads()} threads")
         if "exits" in parts:
             figures += part_exits(args, model, R)
         if "poisson" in parts:
             figures += part_poisson(args, model, R)
+        if "steps" in parts:
+            figures += part_steps(args, model, R)
     if "batch1" in parts:
         figures += part_batch1(args, path)
     if "matmul" in parts:
