@@ -126,10 +126,12 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, Dh); cos and the signed sin (B, S, Dh) of `Rotary`. Half-split rotation (HF's rotate_half):
+    """x (B, S, H, Dh); cos and the signed sin (B, S, Dh) of `Rotary`. Half-split rotation (HF's rotate_half):
     x·cos + [−x₂, x₁]·[sin₁, sin₂], computed as x·cos + roll(x)·[−sin₁, sin₂]: the same products bit for bit,
-    in four kernels instead of six (decoding at batch 1 is bound by per-kernel overhead outside the matmuls)."""
-    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
+    in four kernels instead of six (decoding at batch 1 is bound by per-kernel overhead outside the matmuls).
+    Heads are dim 2, so q and k side by side (the fused q|k|v projection's output) rotate in one call."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # --------------------------------------------------------------------------- attention / mlp
@@ -156,19 +158,23 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: _Context, layer_idx: int, loop_idx: int) -> torch.Tensor:
         B, S, _ = x.shape
+        H, Hkv, Dh = self.n_head, self.n_kv, self.head_dim
         fast = self.fast if self.fast is not None and not torch.is_grad_enabled() else None
-        if fast is not None:
-            q, k, v = fast[0](x).split(fast[0].sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, S, self.n_head, self.head_dim)  # (B, S, H, Dh)
-        k = k.view(B, S, self.n_kv, self.head_dim)  # (B, S, Hkv, Dh)
-        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh)
         view = ctx.view(self.sliding)  # a sliding layer's RoPE and mask
-        q, k = apply_rope(q, view.cos, view.sin), apply_rope(k, view.cos, view.sin)
+        if fast is not None and not self.qk_norm:  # one matmul, and RoPE over q|k at once
+            qkv = fast[0](x).view(B, S, H + 2 * Hkv, Dh)
+            qk = apply_rope(qkv[:, :, : H + Hkv], view.cos, view.sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv :]
+        else:
+            if fast is not None:
+                q, k, v = fast[0](x).split(fast[0].sizes, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = q.view(B, S, H, Dh), k.view(B, S, Hkv, Dh), v.view(B, S, Hkv, Dh)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, view.cos, view.sin), apply_rope(k, view.cos, view.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, Dh), (B, Hkv, S, Dh) ×2
         if ctx.attend is not None:  # a hook stores K/V and attends (the engine's packed step, training's replay)
             y = ctx.attend(self, q, k, v, layer_idx)  # (B, H, S, Dh)
         else:
