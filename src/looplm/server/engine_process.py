@@ -5,28 +5,24 @@ Python (scheduling, the per-token bookkeeping around the kernels) waits on the l
 parses a body or writes an SSE chunk, and the other way round; on a small model, where a step is mostly
 Python, the server got 3.1–3.6× one-request-at-a-time where the engine alone gets 4.7×. So, as vLLM runs its
 EngineCore, the engines live in a child process (started with `spawn`, so no thread or OpenMP pool is
-forked) that loads the model itself, and the two talk over a pipe:
-
-    parent → child   ("add", kv, request_id, prompt, args) · ("abort", request_id) · ("stop",)
-    child → parent   ("ready", info) | ("failed", why), then per step or batch of commands
-                     ("step", outputs, stats, adds_taken, waiting, errors, aborted), and ("stopped",) last
+forked) that loads the model itself and runs the engines' loop (driver.EngineLoop, the one the thread runs
+too) over a pipe: the commands go down it, and the child's first message, ("ready", info) or ("failed",
+why), then one message per step come back.
 
 `EngineProcess` has the thread `Driver`'s interface (start, stop, queued, add, abort, error), so the app
-serves either. A reader thread in the parent turns each "step" message into the metrics and the handlers'
-asyncio queues, with one wake-up of the event loop per step. If the child dies, every request in flight
-gets a 500, new ones a 503, and /health says why (the server does not restart the engines by itself; a
-supervisor restarts the server).
+serves either. A reader thread in the parent delivers each step's message (`Admission.deliver`). If the
+child dies, every request in flight gets a 500, new ones a 503, and /health says why (the server does not
+restart the engines by itself; a supervisor restarts the server).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing as mp
 import threading
 import traceback
 
-from .driver import Aborted, Admission, _param_of, _put_all, _Sub
+from .driver import Admission, EngineLoop
 from .protocol import APIError
 
 log = logging.getLogger("looplm.server")
@@ -38,8 +34,6 @@ class EngineProcess(Admission):
         functools.partial of one)."""
         super().__init__(max_queue)
         self._load, self._opts = load, opts
-        self._subs: dict[str, _Sub] = {}
-        self._error: str | None = None
         self._proc = self._conn = self._reader = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -83,26 +77,6 @@ class EngineProcess(Admission):
                 self._proc.terminate()
                 self._proc.join(5)
 
-    @property
-    def error(self) -> str | None:
-        return self._error
-
-    # ------------------------------------------------------------------ handlers (the event loop's thread)
-
-    def add(self, kv: str, request_id: str, prompt: list[int], args: dict, out: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._error is not None:
-                raise APIError(f"the engine is down: {self._error}", status=503, type="service_unavailable")
-            self._admit()
-            self._subs[request_id] = _Sub(kv, loop, out)
-            self._send(("add", kv, request_id, prompt, args))
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            if request_id in self._subs and self._error is None:
-                self._send(("abort", request_id))
-
     def _send(self, msg: tuple) -> None:  # under self._lock
         try:
             self._conn.send(msg)
@@ -120,36 +94,7 @@ class EngineProcess(Admission):
                 return
             if msg[0] == "stopped":
                 return
-            _, outputs, stats, taken, waiting, errors, aborted = msg
-            batches: dict[asyncio.AbstractEventLoop, list] = {}
-            with self._lock:
-                self._queued -= taken
-                self._waiting = waiting
-                for rid, err in errors:
-                    sub = self._subs.pop(rid, None)
-                    if sub is not None:
-                        batches.setdefault(sub.loop, []).append((sub.out, err))
-                for rid in aborted:
-                    sub = self._subs.pop(rid, None)
-                    if sub is not None:
-                        batches.setdefault(sub.loop, []).append((sub.out, Aborted(rid)))
-                for kv, outs in outputs:
-                    for out in outs:
-                        sub = self._subs.get(out.request_id)
-                        if sub is None:
-                            continue
-                        batches.setdefault(sub.loop, []).append((sub.out, out))
-                        if out.finished:
-                            del self._subs[out.request_id]
-            if self.metrics is not None:
-                for kv, outs in outputs:
-                    for out in outs:
-                        if out.loops:
-                            self.metrics.tokens(kv, out.loops)
-                for kv, s in stats.items():
-                    self.metrics.pool_stats(kv, s)
-            for loop, pairs in batches.items():
-                loop.call_soon_threadsafe(_put_all, pairs)
+            self.deliver(msg)
 
     def _died(self) -> None:
         self._proc.join(5)
@@ -190,7 +135,14 @@ def _child_main(conn, load, opts) -> None:
                          "exit_gate": model.early_exit_gate is not None,
                          "max_loops": next(iter(engines.values())).max_loops,
                          "tiers": [t.name for t in store.tiers] if store is not None else []}))
-    _Loop(conn, engines).run()
+
+    def send(msg: tuple) -> None:
+        try:
+            conn.send(msg)
+        except OSError as e:  # the parent is gone
+            raise EOFError from e
+
+    EngineLoop(engines, conn.recv, conn.poll, send).run()
     if store is not None:  # the prefix store's queued writes reach their tiers
         store.flush()
     try:
@@ -199,74 +151,3 @@ def _child_main(conn, load, opts) -> None:
     except OSError:
         pass
 
-
-class _Loop:
-    def __init__(self, conn, engines: dict):
-        self.conn, self.engines = conn, engines
-        self.kv_of: dict[str, str] = {}  # request id → its engine's strategy, while it runs or waits
-        self.stopping = False
-        self.taken, self.errors, self.aborted = 0, [], []
-
-    def run(self) -> None:
-        while True:
-            busy = any(e.has_unfinished_requests() for e in self.engines.values())
-            if not busy and self.stopping:
-                return
-            try:
-                if not busy:  # idle: block until a command comes
-                    self.command(self.conn.recv())
-                while self.conn.poll():
-                    self.command(self.conn.recv())
-            except EOFError:  # the parent is gone: nobody to serve
-                return
-            outputs = []
-            for kv, engine in self.engines.items():
-                if engine.has_unfinished_requests():
-                    outputs.append((kv, self.step(kv, engine)))
-            if outputs or self.taken or self.errors or self.aborted:
-                stats = {kv: e.stats() for kv, e in self.engines.items()}
-                waiting = sum(s["waiting"] for s in stats.values())
-                try:
-                    self.conn.send(("step", outputs, stats, self.taken, waiting, self.errors, self.aborted))
-                except OSError:  # the parent is gone
-                    return
-                self.taken, self.errors, self.aborted = 0, [], []
-
-    def command(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, kv, rid, prompt, args = cmd
-            self.taken += 1
-            try:
-                self.engines[kv].add_request(prompt, request_id=rid, **args)
-                self.kv_of[rid] = kv
-            except ValueError as e:  # checked at the edge already; what is left is still the client's input
-                self.errors.append((rid, APIError(str(e), param=_param_of(str(e)), code="invalid_value")))
-            except Exception as e:  # noqa: BLE001 — one bad request must not end the engines
-                log.error("add_request failed: %s", traceback.format_exc())
-                self.errors.append((rid, APIError(f"internal error: {e}", status=500, type="server_error")))
-        elif cmd[0] == "abort":
-            kv = self.kv_of.pop(cmd[1], None)
-            if kv is not None:
-                self.engines[kv].abort(cmd[1])
-                self.aborted.append(cmd[1])
-        elif cmd[0] == "stop":
-            self.stopping = True
-
-    def step(self, kv: str, engine) -> list:
-        try:
-            outputs = engine.step()
-        except Exception as e:  # noqa: BLE001 — fail this engine's requests, keep serving
-            log.error("engine step (kv=%s) failed; failing its requests: %s", kv, traceback.format_exc())
-            for rid in [r for r, k in self.kv_of.items() if k == kv]:
-                try:
-                    engine.abort(rid)
-                except Exception:  # noqa: BLE001
-                    pass
-                del self.kv_of[rid]
-                self.errors.append((rid, APIError(f"internal error in the engine: {e}", status=500,
-                                                  type="server_error")))
-            return []
-        for out in outputs:
-            if out.finished:
-                self.kv_of.pop(out.request_id, None)
-        return outputs
