@@ -27,6 +27,8 @@
     python benchmarks/engine.py                       # all parts, fp32 on CPU
     python benchmarks/engine.py --parts steps         # exits at batch 16, stepped in turn with static:R
     python benchmarks/engine.py --parts exits --dtype bfloat16
+    python benchmarks/engine.py --device cuda --dtypes bfloat16 --dtype bfloat16   # on a GPU: batch 1 also
+                                                      # prints the fraction of the memory bandwidth it reaches
 
 Prints a table per part, then one JSON line (machine, commit, config, figures).
 """
@@ -308,17 +310,40 @@ def part_poisson(args, model, R) -> list[dict]:
     return figures
 
 
+PEAK_GBPS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
+             "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "A10G": 600.0}
+"""Memory bandwidth of the accelerators these benchmarks have run on, GB/s (the vendors' data sheets); the
+first name contained in `torch.cuda.get_device_name()` counts. --peak-gbps overrides it."""
+
+
+def peak_gbps(args) -> float | None:
+    if args.peak_gbps is not None:
+        return args.peak_gbps
+    if torch.device(args.device).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(args.device))
+        return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+    return None
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(torch.device(device))
+
+
 def part_batch1(args, path: str) -> list[dict]:
+    """Decode tokens/s at batch 1, and the bytes of weights that each token reads (all of them, the tied head
+    once) × tokens/s: the memory bandwidth a decode step reaches, and its fraction of the device's peak."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    figures = []
-    print(f"\n[batch1] SmolLM2-135M unlooped, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
-    print(f"{'dtype':<9} {'looplm engine tok/s':>19} {'transformers tok/s':>18} {'ratio':>6}")
+    figures, peak, dev = [], peak_gbps(args), args.device
+    print(f"\n[batch1] SmolLM2-135M unlooped on {dev}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}" + (f"; peak bandwidth {peak:.0f} GB/s" if peak else ""))
+    print(f"{'dtype':<9} {'looplm engine tok/s':>19} {'transformers tok/s':>18} {'ratio':>6} {'GB/s':>7} "
+          f"{'GB/s hf':>7}" + (f" {'of peak':>7}" if peak else ""))
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        model = looplm.load(path, dtype=dtype)  # an HF dir without a core: the plain model, one loop
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = looplm.load(path, dtype=dtype, device=dev)  # an HF dir without a core: the plain model, one loop
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
         g = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
 
@@ -328,19 +353,21 @@ def part_batch1(args, path: str) -> list[dict]:
             engine.step()  # the prefill and the first token
             t0 = time.perf_counter()
             while engine.has_unfinished_requests():
-                engine.step()
+                engine.step()  # (its tokens come back to the host: a sync per step)
             return (args.new_tokens - 1) / (time.perf_counter() - t0)
 
         @torch.inference_mode()
         def theirs() -> float:
             cache = DynamicCache()
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=dev)
             out = hf(ids, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
+            sync(dev)
             t0 = time.perf_counter()
             for _ in range(args.new_tokens - 1):
                 out = hf(tok, past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
+            sync(dev)
             return (args.new_tokens - 1) / (time.perf_counter() - t0)
 
         ours(), theirs()  # warm-up
@@ -349,8 +376,16 @@ def part_batch1(args, path: str) -> list[dict]:
             a.append(ours())
             b.append(theirs())
         ta, tb = statistics.median(a), statistics.median(b)
-        figures.append(dict(part="batch1", dtype=dtype_name, looplm_tok_s=ta, transformers_tok_s=tb, ratio=ta / tb))
-        print(f"{dtype_name:<9} {ta:>19.1f} {tb:>18.1f} {ta / tb:>5.2f}x")
+        gb = model.weight_bytes() / 1e9
+        fig = dict(part="batch1", device=dev, dtype=dtype_name, looplm_tok_s=ta, transformers_tok_s=tb,
+                   ratio=ta / tb, weight_gb=gb, gbps=ta * gb, transformers_gbps=tb * gb)
+        line = f"{dtype_name:<9} {ta:>19.1f} {tb:>18.1f} {ta / tb:>5.2f}x {ta * gb:>7.1f} {tb * gb:>7.1f}"
+        if peak:
+            fig.update(peak_gbps=peak, fraction_of_peak=ta * gb / peak)
+            line += f" {ta * gb / peak:>7.1%}"
+        figures.append(fig)
+        print(line)
+        del model, hf
     return figures
 
 
@@ -420,6 +455,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--dtypes", default="float32,bfloat16", help="part batch1")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="part batch1: the device's memory bandwidth (default: a table of GPUs; none on CPU)")
     args = ap.parse_args()
 
     path = args.model or str(looplm.default_model_dir())
@@ -428,8 +466,9 @@ def main() -> None:
     R = args.loops
     figures = []
     if "exits" in parts or "poisson" in parts or "steps" in parts:
-        model = gated(path, (i, j), R, getattr(torch, args.dtype), "cpu", args.seed)
-        print(f"model {path}: core {i}:{j} x R={R}, random exit gate, {args.dtype}, {torch.get_num_threads()} threads")
+        model = gated(path, (i, j), R, getattr(torch, args.dtype), args.device, args.seed)
+        print(f"model {path}: core {i}:{j} x R={R}, random exit gate, {args.dtype} on {args.device}, "
+              f"{torch.get_num_threads()} threads")
         if "exits" in parts:
             figures += part_exits(args, model, R)
         if "poisson" in parts:
