@@ -118,19 +118,19 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, S) → cos and the signed sin [−sin₁, sin₂] (B, S, Dh) in `dtype` (computed in fp32, like HF;
-        the sign is `apply_rope`'s rotate-half folded into the table)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, S, Dh/2)
+        """positions (B, S) → cos and the signed sin [−sin₁, sin₂] (B, S, 1, Dh) in `dtype` (computed in fp32, like HF;
+        the sign is `apply_rope`'s rotate-half folded into the table; the 1 broadcasts over heads, once per
+        forward instead of in every layer)."""
+        freqs = positions[..., None, None].float() * self.inv_freq.float()  # (B, S, 1, Dh/2)
         cos, sin = (freqs.cos() * self.scaling).to(dtype), (freqs.sin() * self.scaling).to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, Dh); cos and the signed sin (B, S, Dh) of `Rotary`. Half-split rotation (HF's rotate_half):
+    """x (B, S, H, Dh); cos and the signed sin (B, S, 1, Dh) of `Rotary`. Half-split rotation (HF's rotate_half):
     x·cos + [−x₂, x₁]·[sin₁, sin₂], computed as x·cos + roll(x)·[−sin₁, sin₂]: the same products bit for bit,
     in four kernels instead of six (decoding at batch 1 is bound by per-kernel overhead outside the matmuls).
     Heads are dim 2, so q and k side by side (the fused q|k|v projection's output) rotate in one call."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 

@@ -66,9 +66,9 @@ class EngineProcess(Admission):
         """Refuse new requests, let the child finish the running and queued ones (and flush the prefix store),
         then end it."""
         with self._lock:
-            self._stopping = True
-            if self._error is None:
+            if not self._stopping and self._error is None:
                 self._send(("stop",))
+            self._stopping = True
         if self._reader is not None:
             self._reader.join(timeout)
         if self._proc is not None:
