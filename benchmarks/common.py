@@ -8,6 +8,18 @@ import platform
 import subprocess
 
 
+def clock(device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    import time
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def print_result(config: dict, figures) -> None:
     import torch
 

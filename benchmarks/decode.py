@@ -32,7 +32,7 @@ import os
 import platform
 import statistics
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -41,13 +41,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import looplm
 from looplm import checkpoint as ck
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import clock  # noqa: E402
+
 STRATEGIES = ("per_loop", "last", "mean", "first")
-
-
-def sync(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def build_models(path: Path, I: int, J: int, R: int, dtype: torch.dtype, device: str):
@@ -82,13 +79,13 @@ def unique_bytes(module: torch.nn.Module) -> int:
 @torch.inference_mode()
 def run_looped(model, ids, new_tokens: int, R: int, kv: str, device: str) -> dict:
     gen = looplm.stream(model, ids, max_new_tokens=new_tokens, num_loops=R, kv=kv, stop_tokens=[])
-    t0 = sync(device)
+    t0 = clock(device)
     steps = iter(gen)
     next(steps)  # prefill + the first token
-    t1 = sync(device)
+    t1 = clock(device)
     for _ in steps:
         pass
-    t2 = sync(device)
+    t2 = clock(device)
     res = gen.result()
     return dict(prefill=t1 - t0, decode=t2 - t1, tokens=res.sequences[:, ids.shape[1]:], kv_bpt=res.kv_bytes_per_token)
 
@@ -96,14 +93,14 @@ def run_looped(model, ids, new_tokens: int, R: int, kv: str, device: str) -> dic
 @torch.inference_mode()
 def run_hf(hf, ids, new_tokens: int, device: str) -> dict:
     cache = DynamicCache(config=hf.config)
-    t0 = sync(device)
+    t0 = clock(device)
     logits = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     tok = [logits.argmax(-1)]
-    t1 = sync(device)
+    t1 = clock(device)
     for _ in range(new_tokens - 1):
         logits = hf(input_ids=tok[-1][:, None], past_key_values=cache, use_cache=True).logits[:, -1]
         tok.append(logits.argmax(-1))
-    t2 = sync(device)
+    t2 = clock(device)
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     B, T = ids.shape[0], cache.get_seq_length()
     return dict(prefill=t1 - t0, decode=t2 - t1, tokens=torch.stack(tok, 1), kv_bpt=kv // (B * T))

@@ -49,7 +49,7 @@ from looplm.batching import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptive_exit import gated  # noqa: E402  (same gated model as the adaptive-exit benchmark)
-from common import print_result  # noqa: E402
+from common import clock, print_result  # noqa: E402
 
 
 def layer_macs(model) -> tuple[int, int]:
@@ -325,11 +325,6 @@ def peak_gbps(args) -> float | None:
     return None
 
 
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(torch.device(device))
-
-
 def part_batch1(args, path: str) -> list[dict]:
     """Decode tokens/s at batch 1, and the bytes of weights that each token reads (all of them, the tied head
     once) × tokens/s: the memory bandwidth a decode step reaches, and its fraction of the device's peak."""
@@ -362,13 +357,11 @@ def part_batch1(args, path: str) -> list[dict]:
             ids = torch.tensor([prompt], device=dev)
             out = hf(ids, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
-            sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock(dev)
             for _ in range(args.new_tokens - 1):
                 out = hf(tok, past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
-            sync(dev)
-            return (args.new_tokens - 1) / (time.perf_counter() - t0)
+            return (args.new_tokens - 1) / (clock(dev) - t0)
 
         ours(), theirs()  # warm-up
         a, b = [], []
@@ -385,7 +378,6 @@ def part_batch1(args, path: str) -> list[dict]:
             line += f" {ta * gb / peak:>7.1%}"
         figures.append(fig)
         print(line)
-        del model, hf
     return figures
 
 
